@@ -1,0 +1,1 @@
+"""segnet: fully convolutional networks for KITTI road segmentation."""

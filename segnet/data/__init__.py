@@ -1,0 +1,240 @@
+"""Road datasets in the KITTI data_road layout, real or synthetic, read one way.
+
+    <root>/training/image_2/um_000000.png          camera image
+    <root>/training/gt_image_2/um_road_000000.png  ground truth: (255,0,255) road, (255,0,0) non-road,
+                                                   black outside the evaluation area
+    <root>/training/calib/um_000000.txt            camera calibration (bird's-eye view scoring)
+    <root>/testing/image_2/...                     test images, no ground truth
+
+Labels are read as the benchmark reads them: valid = red > 0, road = blue > 0 inside it, everything else
+IGNORE (the loss and the metrics skip it). Never "not red means road".
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+IGNORE = 255  # label of pixels outside the evaluation area
+CATEGORIES = ("um", "umm", "uu")
+
+
+class DatasetError(ValueError):
+    """A problem with the user's data: the message names the file and what to do."""
+
+
+@dataclass
+class Sample:
+    name: str  # "um_000000"
+    image: Path
+    gt: Path | None
+    calib: Path | None
+
+    @property
+    def category(self) -> str:
+        return self.name.rsplit("_", 1)[0]
+
+
+def list_samples(root, split: str = "training", categories=CATEGORIES, task: str = "road") -> list[Sample]:
+    """Every image of the split whose category is selected, with its ground truth and calibration."""
+    root = Path(root)
+    image_dir = root / split / "image_2"
+    if not image_dir.is_dir():
+        raise DatasetError(
+            f"{image_dir} does not exist: dataset.root must be a KITTI data_road folder holding "
+            f"{split}/image_2 (got dataset.root={root})"
+        )
+    samples = []
+    for path in sorted(image_dir.glob("*.png")):
+        cat, _, idx = path.stem.rpartition("_")
+        if cat not in categories or (task == "lane" and cat != "um"):
+            continue
+        gt = root / split / "gt_image_2" / f"{cat}_{task}_{idx}.png"
+        calib = root / split / "calib" / f"{path.stem}.txt"
+        samples.append(Sample(path.stem, path, gt if gt.exists() else None, calib if calib.exists() else None))
+    if not samples:
+        raise DatasetError(f"{image_dir} holds no images of categories {list(categories)}")
+    if split == "training":
+        missing = [s.name for s in samples if s.gt is None]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} training image(s) have no ground truth in {root / split / 'gt_image_2'} "
+                f"(first: {missing[0]}, expected {missing[0].replace('_', f'_{task}_', 1)}.png); "
+                "add the masks or remove the images"
+            )
+    return samples
+
+
+def split_samples(samples: list[Sample], cfg) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic train/validation split: an explicit list, else the last images of each category."""
+    if cfg.val_list:
+        names = set(Path(cfg.val_list).read_text().split())
+        unknown = names - {s.name for s in samples}
+        if unknown:
+            raise DatasetError(
+                f"dataset.val_list={cfg.val_list} names images not in the dataset: {sorted(unknown)[:5]}"
+            )
+        is_val = lambda s: s.name in names  # noqa: E731
+    else:
+        val = set()
+        for cat in sorted({s.category for s in samples}):
+            members = [s.name for s in samples if s.category == cat]
+            n = round(len(members) * cfg.val_fraction) if cfg.val_fraction is not None else cfg.val_per_category
+            # Keep at least one training image per category when a small dataset meets the default rule.
+            n = min(n, len(members) - 1)
+            val.update(members[len(members) - n :] if n > 0 else [])
+        is_val = lambda s: s.name in val  # noqa: E731
+    return [s for s in samples if not is_val(s)], [s for s in samples if is_val(s)]
+
+
+def read_image(path) -> np.ndarray:
+    """HxWx3 uint8 RGB."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable image ({e}); replace or remove the file") from None
+
+
+def read_label(path) -> np.ndarray:
+    """HxW uint8: 1 road, 0 non-road, IGNORE outside the evaluation area."""
+    gt = read_image(path)
+    valid, road = gt[..., 0] > 0, gt[..., 2] > 0
+    return np.where(valid, road.astype(np.uint8), np.uint8(IGNORE))
+
+
+def resize(image: np.ndarray, size, label: bool = False) -> np.ndarray:
+    """Resize to size=(H, W); labels with nearest neighbour so classes never blend."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    resample = Image.NEAREST if label else Image.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((w, h), resample))
+
+
+def load(samples: list[Sample]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images and labels at native resolution, with a size check that names the culprit."""
+    images, labels = [], []
+    for s in samples:
+        image, label = read_image(s.image), read_label(s.gt)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(
+                f"{s.gt}: ground truth is {label.shape[1]}x{label.shape[0]} but its image {s.image} is "
+                f"{image.shape[1]}x{image.shape[0]}; they must be the same size"
+            )
+        images.append(image)
+        labels.append(label)
+    return images, labels
+
+
+def training_arrays(images, labels, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Decode-and-resize once: stack the training set at the size the pipeline crops from.
+
+    resize mode: every frame scaled to train_size. crop mode: native scale (frames brought to the most
+    common native size, a change of at most a few pixels on KITTI), and the pipeline cuts train_size crops.
+    """
+    if cfg.train_mode == "resize":
+        size = tuple(cfg.train_size)
+    elif cfg.train_mode == "crop":
+        shapes = [im.shape[:2] for im in images]
+        size = max(set(shapes), key=shapes.count)
+    else:
+        raise DatasetError(f"dataset.train_mode={cfg.train_mode!r}: use resize or crop")
+    x = np.stack([resize(im, size) for im in images])
+    y = np.stack([resize(lb, size, label=True) for lb in labels])
+    return x, y
+
+
+def augment(image, label, seed, train_size, cfg):
+    """One training example: random flip, scale and crop (image and label alike), colour jitter (image only).
+
+    Stateless ops seeded per example, so a run's augmentation depends only on the config's seed.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 7)
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    label = label[..., None]
+    if cfg.flip:
+        flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+        image = tf.where(flip, image[:, ::-1], image)
+        label = tf.where(flip, label[:, ::-1], label)
+    lo, hi = cfg.scale
+    if (lo, hi) != (1.0, 1.0):
+        s = tf.random.stateless_uniform([], seeds[1], lo, hi)
+        new = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * s), tf.int32)
+        image = tf.image.resize(image, new, method="bilinear")
+        label = tf.image.resize(label, new, method="nearest")
+    # Pad (labels with IGNORE, so padding is never learned) then crop to the training size.
+    h, w = train_size
+    ph, pw = tf.maximum(h - tf.shape(image)[0], 0), tf.maximum(w - tf.shape(image)[1], 0)
+    image = tf.pad(image, [[0, ph], [0, pw], [0, 0]])
+    label = tf.pad(label, [[0, ph], [0, pw], [0, 0]], constant_values=IGNORE)
+    y0 = tf.random.stateless_uniform([], seeds[2], 0, tf.shape(image)[0] - h + 1, tf.int32)
+    x0 = tf.random.stateless_uniform([], seeds[3], 0, tf.shape(image)[1] - w + 1, tf.int32)
+    image, label = image[y0 : y0 + h, x0 : x0 + w], label[y0 : y0 + h, x0 : x0 + w]
+    if cfg.brightness:
+        image = tf.image.stateless_random_brightness(image, cfg.brightness, seeds[4])
+    if cfg.contrast:
+        image = tf.image.stateless_random_contrast(image, 1 - cfg.contrast, 1 + cfg.contrast, seeds[5])
+    if cfg.saturation:
+        image = tf.image.stateless_random_saturation(image, 1 - cfg.saturation, 1 + cfg.saturation, seeds[6])
+    if cfg.hue:
+        image = tf.image.stateless_random_hue(image, cfg.hue, seeds[6][::-1])
+    image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
+    image.set_shape([h, w, 3])
+    label.set_shape([h, w, 1])
+    return image, label[..., 0]
+
+
+def train_dataset(x: np.ndarray, y: np.ndarray, cfg, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Endless shuffled, augmented batches of (float32 RGB in [0, 255], uint8 labels)."""
+    size = tuple(cfg.train_size)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat()
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    ds = tf.data.Dataset.zip(ds, seeds).map(
+        lambda xy, s: augment(xy[0], xy[1], s, size, cfg.augment), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def check(root) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Every problem in a data_road folder at once: counts per split and category, and what is wrong.
+
+    Reads every PNG fully (a truncated file fails here, not three hours into training).
+    """
+    root = Path(root)
+    counts, problems = {}, []
+    if not (root / "training" / "image_2").is_dir():
+        return counts, [f"{root / 'training' / 'image_2'} does not exist: is {root} a data_road folder?"]
+    for split in ("training", "testing"):
+        images = {p.stem: p for p in sorted((root / split / "image_2").glob("*.png"))}
+        gts = {p.stem: p for p in sorted((root / split / "gt_image_2").glob("*.png"))}
+        for name, path in images.items():
+            cat = name.rpartition("_")[0]
+            c = counts.setdefault(split, {}).setdefault(cat, 0)
+            counts[split][cat] = c + 1
+            if split == "training" and f"{cat}_road_{name.rpartition('_')[2]}" not in gts:
+                problems.append(f"{path}: no ground truth {cat}_road_{name.rpartition('_')[2]}.png")
+        for name, path in gts.items():
+            cat, task, idx = name.split("_") if name.count("_") == 2 else (None, None, None)
+            if cat is None or f"{cat}_{idx}" not in images:
+                problems.append(f"{path}: ground truth without an image")
+        for path in [*images.values(), *gts.values()]:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except (OSError, ValueError) as e:
+                problems.append(f"{path}: unreadable ({e})")
+    return counts, problems
+
+
+def prepare(cfg) -> Path:
+    """The dataset root, generating the synthetic dataset there first when the config asks for it."""
+    root = Path(cfg.root)
+    if cfg.synthetic is not None:
+        from segnet.data import synthetic
+
+        s = cfg.synthetic
+        synthetic.generate(root, s.num_train, s.num_test, s.height, s.width, s.seed)
+    return root

@@ -1,0 +1,168 @@
+"""FCN-32s, FCN-16s and FCN-8s (Long, Shelhamer, Darrell 2015) on a VGG16 encoder.
+
+    image -> VGG16 blocks 1-5 -> fc6 (7x7 conv) -> fc7 (1x1 conv) -> score_fr (1x1 conv)   [1/32 scale]
+    FCN-32s: score_fr -> upsample x32
+    FCN-16s: score_fr -> x2 -> + score_pool4 -> x16
+    FCN-8s:  score_fr -> x2 -> + score_pool4 -> x2 -> + score_pool3 -> x8
+
+fc6/fc7 are VGG16's dense layers rewritten as convolutions (segnet/layers.py explains why that is exact),
+so the network takes an image of any size and returns a score map instead of one label. The upsampling
+layers are transposed convolutions initialised to bilinear interpolation, then learned.
+
+The model takes raw RGB in [0, 255] and returns float32 logits of shape (B, H, W, num_classes) for any H and
+W: it pads the input to a multiple of 32 (so every pooling halves exactly and every skip lines up) and crops
+the scores back to the input size.
+"""
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from segnet.layers import transposed_output_size, upsample, vgg16_fc_to_conv
+
+VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, convs) per block
+FC_CHANNELS = 4096
+# Caffe VGG16 preprocessing (BGR, mean subtracted, no scaling): ImageNet weights expect exactly this.
+BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype="float32")
+STRIDE = 32  # five 2x2 poolings
+
+
+@keras.saving.register_keras_serializable(package="segnet")
+class Preprocess(layers.Layer):
+    """RGB [0, 255] -> mean-subtracted BGR, then zero-pad bottom/right to a multiple of 32.
+
+    Zero after mean subtraction is the mean colour, the most neutral padding for the encoder.
+    """
+
+    def call(self, x):
+        x = ops.flip(ops.cast(x, self.compute_dtype), axis=-1) - BGR_MEAN
+        h, w = ops.shape(x)[1], ops.shape(x)[2]
+        return ops.pad(x, [[0, 0], [0, (-h) % STRIDE], [0, (-w) % STRIDE], [0, 0]])
+
+    def compute_output_shape(self, shape):
+        up = lambda n: None if n is None else -(-n // STRIDE) * STRIDE  # noqa: E731
+        return (shape[0], up(shape[1]), up(shape[2]), shape[3])
+
+
+@keras.saving.register_keras_serializable(package="segnet")
+class CropLike(layers.Layer):
+    """Crop scores computed on the padded image back to the input's height and width."""
+
+    def call(self, scores, image):
+        return scores[:, : ops.shape(image)[1], : ops.shape(image)[2], :]
+
+    def compute_output_shape(self, scores_shape, image_shape):
+        return (scores_shape[0], image_shape[1], image_shape[2], scores_shape[3])
+
+
+def fcn(
+    name: str = "fcn8",
+    num_classes: int = 2,
+    width: float = 1.0,
+    fc6_kernel: int = 7,
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    weights: str | None = None,
+) -> keras.Model:
+    if name not in ("fcn8", "fcn16", "fcn32"):
+        raise ValueError(f"model.name={name!r}: use fcn8, fcn16 or fcn32")
+    ch = lambda n: max(1, round(n * width))  # noqa: E731
+
+    image = keras.Input((None, None, 3), name="image")
+    x = Preprocess(dtype="float32", name="preprocess")(image)
+    pools = []
+    for b, (channels, convs) in enumerate(VGG16_BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            # With batch norm the conv bias is redundant (BN's beta takes its role).
+            x = layers.Conv2D(ch(channels), 3, padding="same", use_bias=not batch_norm, name=f"block{b}_conv{i}")(x)
+            if batch_norm:
+                x = layers.BatchNormalization(name=f"block{b}_bn{i}")(x)
+            x = layers.ReLU(name=f"block{b}_relu{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
+        pools.append(x)
+    pool3, pool4, pool5 = pools[2], pools[3], pools[4]
+
+    # fc6/fc7: VGG16's classifier as convolutions, so it slides over the image instead of seeing one crop.
+    x = layers.Conv2D(ch(FC_CHANNELS), fc6_kernel, padding="same", activation="relu", name="fc6")(pool5)
+    x = layers.Dropout(dropout, name="drop6")(x)
+    x = layers.Conv2D(ch(FC_CHANNELS), 1, activation="relu", name="fc7")(x)
+    x = layers.Dropout(dropout, name="drop7")(x)
+    scores = layers.Conv2D(num_classes, 1, name="score_fr")(x)
+
+    # Skip scores start at zero, so training begins from the coarser net and learns to add detail,
+    # as in the paper's staged FCN-32s -> 16s -> 8s training.
+    # `side` follows a nominal 224-pixel input through the decoder: every transposed convolution must
+    # land exactly on the pooled map it is fused with, and the last one on the input.
+    side = {8: 224 // 8, 16: 224 // 16, 32: 224 // 32, 1: 224}
+
+    def up(x, stride, scale, layer_name):
+        layer = upsample(num_classes, stride, name=layer_name)
+        got = transposed_output_size(side[scale], layer.kernel_size[0], stride, layer.padding)
+        if got != side[scale // stride]:
+            raise AssertionError(
+                f"{layer_name}: {side[scale]} -> {got}, but the map it meets is {side[scale // stride]}"
+            )
+        return layer(x)
+
+    def fuse(x, pool, layer_name):
+        skip = layers.Conv2D(num_classes, 1, kernel_initializer="zeros", name=f"score_{layer_name}")(pool)
+        return layers.Add(name=f"fuse_{layer_name}")([x, skip])
+
+    if name == "fcn32":
+        scores = up(scores, 32, 32, "upscore32")
+    elif name == "fcn16":
+        scores = fuse(up(scores, 2, 32, "upscore2"), pool4, "pool4")
+        scores = up(scores, 16, 16, "upscore16")
+    else:
+        scores = fuse(up(scores, 2, 32, "upscore2"), pool4, "pool4")
+        scores = fuse(up(scores, 2, 16, "upscore_pool4"), pool3, "pool3")
+        scores = up(scores, 8, 8, "upscore8")
+    logits = CropLike(dtype="float32", name="logits")(scores, image)
+    model = keras.Model(image, logits, name=name)
+    if weights:
+        load_vgg16_weights(model, weights)
+    return model
+
+
+def load_vgg16_weights(model: keras.Model, weights: str) -> None:
+    """Fill the encoder (and fc6/fc7 where the source has them) from keras.applications.VGG16.
+
+    `weights` is "imagenet" (downloaded by Keras) or a path to a VGG16 .h5 file, with or without the top.
+    """
+    if model.get_layer("block1_conv1").filters != 64:
+        raise ValueError("VGG16 weights need model.width=1.0")
+    vgg = None
+    for include_top in (True, False):
+        try:
+            vgg = keras.applications.VGG16(include_top=include_top, weights=weights)
+            break
+        except ValueError:
+            continue
+    if vgg is None:
+        raise ValueError(f"model.weights={weights!r}: not 'imagenet' nor a readable VGG16 .h5 file")
+    for b, (_, convs) in enumerate(VGG16_BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            src, dst = vgg.get_layer(f"block{b}_conv{i}"), model.get_layer(f"block{b}_conv{i}")
+            kernel, bias = src.get_weights()
+            dst.set_weights([kernel, bias] if dst.use_bias else [kernel])
+            if not dst.use_bias:  # batch norm follows: carry the bias over as its beta
+                bn = model.get_layer(f"block{b}_bn{i}")
+                gamma, _, mean, var = bn.get_weights()
+                bn.set_weights([gamma, bias, mean, var])
+    if any(layer.name == "fc1" for layer in vgg.layers):
+        if model.get_layer("fc6").kernel_size != (7, 7):
+            raise ValueError("ImageNet fc6 weights need model.fc6_kernel=7")
+        for name, (kernel, bias) in vgg16_fc_to_conv(vgg).items():
+            model.get_layer(name).set_weights([kernel, bias])
+
+
+def build(cfg) -> keras.Model:
+    """The model named by the config's `model` group."""
+    return fcn(
+        cfg.name,
+        width=cfg.width,
+        fc6_kernel=cfg.fc6_kernel,
+        batch_norm=cfg.batch_norm,
+        dropout=cfg.dropout,
+        weights=cfg.weights,
+    )

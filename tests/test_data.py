@@ -1,0 +1,134 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from segnet import data
+from segnet.config import AugmentConfig, DatasetConfig
+
+
+def write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_labels_are_read_as_the_benchmark_reads_them(tmp_path):
+    """valid = red > 0, road = blue > 0; black and (0,0,255) are ignored, never "not red means road"."""
+    gt = np.array([[[255, 0, 255], [255, 0, 0], [0, 0, 0], [0, 0, 255]]], dtype=np.uint8)
+    write(tmp_path / "gt.png", gt)
+    np.testing.assert_array_equal(data.read_label(tmp_path / "gt.png"), [[1, 0, data.IGNORE, data.IGNORE]])
+
+
+def test_real_masks_map_colour_counts_to_label_counts(kitti_sample):
+    for path in sorted((kitti_sample / "training" / "gt_image_2").glob("*_road_*.png"))[::6]:
+        rgb = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        label = data.read_label(path).ravel()
+        colours, counts = np.unique(rgb, axis=0, return_counts=True)
+        n = {tuple(c): k for c, k in zip(colours.tolist(), counts, strict=True)}
+        assert (label == 1).sum() == n.get((255, 0, 255), 0)
+        assert (label == 0).sum() == n.get((255, 0, 0), 0)
+        assert (label == data.IGNORE).sum() == n.get((0, 0, 0), 0) + n.get((0, 0, 255), 0)
+        assert set(n) <= {(255, 0, 255), (255, 0, 0), (0, 0, 0), (0, 0, 255)}
+
+
+def fake_samples(counts):
+    return [data.Sample(f"{cat}_{i:06d}", None, None, None) for cat, n in counts.items() for i in range(n)]
+
+
+def test_default_split_is_the_last_16_of_each_category():
+    samples = fake_samples({"um": 95, "umm": 96, "uu": 98})
+    train, val = data.split_samples(samples, DatasetConfig())
+    names = {s.name for s in val}
+    assert len(train) == 241 and len(val) == 48
+    assert {f"um_{i:06d}" for i in range(79, 95)} <= names
+    assert {f"umm_{i:06d}" for i in range(80, 96)} <= names
+    assert {f"uu_{i:06d}" for i in range(82, 98)} <= names
+
+
+def test_split_fraction_list_and_small_datasets(tmp_path):
+    samples = fake_samples({"um": 10, "uu": 3})
+    _, val = data.split_samples(samples, DatasetConfig(val_fraction=0.2))
+    assert [s.name for s in val] == ["um_000008", "um_000009", "uu_000002"]
+    _, val = data.split_samples(samples, DatasetConfig())  # 16 per category: keep one for training
+    assert len(val) == 9 + 2
+    (tmp_path / "val.txt").write_text("um_000001\nuu_000000\n")
+    train, val = data.split_samples(samples, DatasetConfig(val_list=str(tmp_path / "val.txt")))
+    assert [s.name for s in val] == ["um_000001", "uu_000000"] and len(train) == 11
+    (tmp_path / "bad.txt").write_text("um_000099\n")
+    with pytest.raises(data.DatasetError, match="um_000099"):
+        data.split_samples(samples, DatasetConfig(val_list=str(tmp_path / "bad.txt")))
+
+
+def test_missing_ground_truth_names_the_file(tmp_path):
+    write(tmp_path / "training/image_2/um_000003.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(data.DatasetError, match="um_road_000003.png"):
+        data.list_samples(tmp_path)
+    with pytest.raises(data.DatasetError, match="dataset.root"):
+        data.list_samples(tmp_path / "nowhere")
+
+
+def aligned_pair(h=40, w=64):
+    """An image whose red channel encodes its label, so alignment can be checked after augmentation."""
+    rng = np.random.default_rng(0)
+    label = (rng.uniform(size=(h // 8, w // 8)) > 0.5).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = label * 200 + 20
+    image[..., 1] = np.arange(w, dtype=np.uint8)[None] * 3  # an asymmetric pattern, so a flip is visible
+    return image, label
+
+
+def run_augment(image, label, aug, seed, size):
+    return [t.numpy() for t in data.augment(image, label, tf.constant(seed, tf.int64), size, aug)]
+
+
+def test_flip_and_crop_keep_image_and_label_aligned_pixel_for_pixel():
+    image, label = aligned_pair()
+    aug = AugmentConfig(flip=True)
+    flipped = 0
+    for seed in range(8):
+        x, y = run_augment(image, label, aug, [seed, 1], (32, 48))
+        assert x.shape == (32, 48, 3) and y.shape == (32, 48)
+        np.testing.assert_array_equal((x[..., 0] > 110).astype(np.uint8), y)
+        flipped += x[0, 0, 1] > x[0, -1, 1]
+    assert 0 < flipped < 8  # both outcomes happen
+
+
+def test_scale_keeps_alignment_and_pads_with_ignore():
+    image, label = aligned_pair()
+    aug = AugmentConfig(flip=False, scale=[0.5, 0.7])
+    x, y = run_augment(image, label, aug, [3, 4], (40, 64))
+    inside = y != data.IGNORE
+    assert 0 < inside.mean() < 0.6  # scaled down: the rest is padding, ignored
+    agree = ((x[..., 0] > 110) == (y == 1))[inside].mean()
+    assert agree > 0.97  # bilinear image vs nearest label differ only on block edges
+
+
+def test_colour_jitter_changes_the_image_not_the_label():
+    image, label = aligned_pair()
+    aug = AugmentConfig(flip=False, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
+    x, y = run_augment(image, label, aug, [5, 6], (40, 64))
+    np.testing.assert_array_equal(y, label)
+    assert np.abs(x - image).mean() > 1.0
+
+
+def test_training_arrays_resize_and_crop_modes():
+    images = [np.zeros((30, 50, 3), np.uint8), np.zeros((30, 50, 3), np.uint8), np.zeros((31, 49, 3), np.uint8)]
+    labels = [np.zeros(im.shape[:2], np.uint8) for im in images]
+    x, y = data.training_arrays(images, labels, SimpleNamespace(train_mode="resize", train_size=[16, 32]))
+    assert x.shape == (3, 16, 32, 3) and y.shape == (3, 16, 32)
+    x, y = data.training_arrays(images, labels, SimpleNamespace(train_mode="crop", train_size=[16, 32]))
+    assert x.shape == (3, 30, 50, 3)  # the most common native size
+
+
+def test_train_dataset_is_deterministic_from_the_seed():
+    image, label = aligned_pair()
+    x, y = np.stack([image] * 4), np.stack([label] * 4)
+    cfg = DatasetConfig(train_size=[32, 48], augment=AugmentConfig(flip=True, scale=[0.8, 1.2], brightness=0.1))
+    a = next(iter(data.train_dataset(x, y, cfg, 2, seed=7)))
+    b = next(iter(data.train_dataset(x, y, cfg, 2, seed=7)))
+    c = next(iter(data.train_dataset(x, y, cfg, 2, seed=8)))
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    assert not np.array_equal(a[0].numpy(), c[0].numpy())
+    assert a[0].shape == (2, 32, 48, 3) and a[1].dtype == tf.uint8

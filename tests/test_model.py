@@ -1,0 +1,69 @@
+import keras
+import numpy as np
+import pytest
+
+from segnet.model import fcn
+
+
+@pytest.mark.parametrize("name", ["fcn8", "fcn16", "fcn32"])
+@pytest.mark.parametrize("hw", [(37, 101), (64, 96), (70, 33)])
+def test_any_input_size_gives_scores_of_that_size(name, hw):
+    model = fcn(name, width=1 / 16)
+    x = np.random.default_rng(0).uniform(0, 255, (2, *hw, 3)).astype("float32")
+    out = model.predict_on_batch(x)
+    assert out.shape == (2, *hw, 2)
+    assert out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+def test_fcn8_wiring():
+    model = fcn("fcn8", width=1 / 16)
+    ups = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2DTranspose)]
+    assert [u.strides[0] for u in ups] == [2, 2, 8]
+    assert model.get_layer("fc6").kernel_size == (7, 7)
+    assert model.get_layer("fc7").kernel_size == (1, 1)
+    assert model.get_layer("score_fr").kernel_size == (1, 1)
+    names = {layer.name for layer in model.layers}
+    assert {"score_pool4", "score_pool3", "fuse_pool4", "fuse_pool3"} <= names
+
+
+def test_skips_start_at_zero_so_fcn8_starts_as_fcn32_would():
+    """Zero-initialised skip scores: at init FCN-8s adds nothing from pool3/pool4."""
+    model = fcn("fcn8", width=1 / 16)
+    for name in ("score_pool4", "score_pool3"):
+        assert not np.any(model.get_layer(name).get_weights()[0])
+
+
+def test_padding_is_the_mean_colour_and_the_crop_is_exact():
+    """A 50x50 image scores exactly like itself padded by hand with VGG's mean colour to 64x64, then cropped."""
+    from segnet.model import BGR_MEAN
+
+    model = fcn("fcn8", width=1 / 16)
+    x = np.random.default_rng(1).uniform(0, 255, (1, 50, 50, 3)).astype("float32")
+    padded = np.broadcast_to(BGR_MEAN[::-1], (1, 64, 64, 3)).copy()
+    padded[:, :50, :50] = x
+    np.testing.assert_allclose(model.predict_on_batch(x), model.predict_on_batch(padded)[:, :50, :50], atol=1e-4)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="fcn8, fcn16 or fcn32"):
+        fcn("fcn4")
+
+
+def test_local_vgg16_h5_fills_encoder_and_fc_layers(tmp_path):
+    vgg = keras.applications.VGG16(weights=None, include_top=True)
+    path = tmp_path / "vgg16.weights.h5"
+    vgg.save_weights(path)
+    model = fcn("fcn8", width=1.0, batch_norm=False, weights=str(path))
+    np.testing.assert_array_equal(
+        model.get_layer("block3_conv2").get_weights()[0], vgg.get_layer("block3_conv2").get_weights()[0]
+    )
+    np.testing.assert_array_equal(model.get_layer("fc7").get_weights()[0][0, 0], vgg.get_layer("fc2").get_weights()[0])
+    np.testing.assert_array_equal(
+        model.get_layer("fc6").get_weights()[0].reshape(-1, 4096), vgg.get_layer("fc1").get_weights()[0]
+    )
+
+
+def test_vgg16_weights_refuse_a_narrow_model():
+    with pytest.raises(ValueError, match="width=1.0"):
+        fcn("fcn8", width=0.5, weights="imagenet")

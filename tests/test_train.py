@@ -1,0 +1,130 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import ROOT, TINY, compose
+from PIL import Image
+
+from segnet import data
+from segnet.train import train
+
+
+def event_tags(log_dir: Path) -> dict[str, set[str]]:
+    """{'scalars': {...}, 'images': {...}} as TensorBoard would show them."""
+    tags = {"scalars": set(), "images": set()}
+    for f in log_dir.glob("events.out.tfevents.*"):
+        for e in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in e.summary.value:
+                kind = v.metadata.plugin_data.plugin_name
+                tags["images" if kind == "images" else "scalars"].add(v.tag)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny training run through the real Hydra config, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = compose([*TINY, f"dataset.root={tmp / 'synthetic'}", f"outputs={tmp / 'outputs'}"])
+    run_dir = tmp / "outputs" / "first"
+    state = train(cfg, run_dir)
+    return cfg, run_dir, state
+
+
+def test_training_writes_checkpoints_and_state(run):
+    _, run_dir, state = run
+    ck = run_dir / "checkpoints"
+    assert (ck / "best.keras").is_file()
+    assert json.loads((ck / "state.json").read_text())["epoch"] == 2 == state["epoch"]
+    assert (ck / state["weights"]).is_file()
+    assert len(list(ck.glob("last-e*.weights.h5"))) == 1  # older epochs are cleaned up
+    best = json.loads((ck / "best.json").read_text())
+    assert {"maxf", "ap", "f1", "road_iou", "precision", "recall", "loss"} <= set(best)
+    assert not list(ck.glob(".tmp-*"))
+
+
+def test_tensorboard_holds_scalars_and_image_panels(run):
+    _, run_dir, _ = run
+    train_tags = event_tags(run_dir / "logs" / "train")
+    val_tags = event_tags(run_dir / "logs" / "validation")
+    wanted = {"loss", "road_iou", "precision", "recall", "f1"}
+    assert wanted | {"learning_rate"} <= train_tags["scalars"]
+    assert wanted | {"maxf", "ap"} <= val_tags["scalars"]
+    assert {"panel/0", "panel/1"} <= val_tags["images"]
+
+
+def test_resume_continues_from_the_last_epoch(run, tmp_path):
+    cfg, run_dir, state = run
+    cfg = compose([*TINY, f"dataset.root={cfg.dataset.root}", f"outputs={cfg.outputs}",
+                   "trainer.epochs=3", "trainer.resume=true"])  # fmt: skip
+    resumed = train(cfg, tmp_path / "second")
+    assert resumed["epoch"] == 3
+    log = list((tmp_path / "second" / "logs" / "train").glob("events*"))
+    steps = {e.step for f in log for e in tf.compat.v1.train.summary_iterator(str(f)) if e.summary.value}
+    assert steps == {3}  # epochs 1 and 2 were not trained again
+
+
+def test_infer_writes_mask_and_overlay(run, tmp_path):
+    cfg, run_dir, _ = run
+    image = sorted((Path(cfg.dataset.root) / "testing" / "image_2").glob("*.png"))[0]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), str(image), "--model", str(run_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    mask = np.asarray(Image.open(tmp_path / f"{image.stem}_mask.png"))
+    overlay = np.asarray(Image.open(tmp_path / f"{image.stem}_overlay.png"))
+    assert mask.shape == (64, 96) and set(np.unique(mask)) <= {0, 255}
+    assert overlay.shape == (64, 96, 3)
+    assert str(tmp_path / f"{image.stem}_mask.png") in out.stdout
+
+
+def test_infer_without_a_run_says_how_to_get_one(tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), str(image)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert out.returncode == 2
+    assert "python train.py" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_typo_fails_at_start_with_the_key_named(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer.epoch=3"], capture_output=True, text=True, cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "unknown config key 'trainer.epoch': did you mean trainer.epochs?" in out.stderr
+    assert not (tmp_path / "data").exists()  # failed before any work
+
+
+def test_wrong_dataset_root_is_one_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "dataset=kitti", f"dataset.root={tmp_path / 'nope'}",
+         f"outputs={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "nope" in out.stderr and "dataset.root" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_small_run_learns_the_road(tmp_path):
+    """Validation F1 well above what predicting all-road would give."""
+    cfg = compose([
+        f"dataset.root={tmp_path / 'synthetic'}", f"outputs={tmp_path / 'out'}",
+        "dataset.synthetic.num_train=96", "dataset.synthetic.height=64", "dataset.synthetic.width=160",
+        "dataset.train_size=[64,160]", "dataset.val_per_category=6", "model.width=0.125",
+        "trainer.epochs=8", "trainer.batch_size=8",
+    ])  # fmt: skip
+    state = train(cfg, tmp_path / "run")
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    val = data.split_samples(data.list_samples(tmp_path / "synthetic"), cfg.dataset)[1]
+    labels = np.concatenate([data.read_label(s.gt).ravel() for s in val])
+    p = (labels == 1).sum() / (labels != data.IGNORE).sum()
+    all_road_f1 = 2 * p / (1 + p)
+    assert best["f1"] > all_road_f1 + 0.2, (best, all_road_f1, state)
