@@ -3,6 +3,7 @@
 python infer.py image.png                         # newest run under outputs/, writes to outputs/predictions
 python infer.py frames/ "more/*.png" --model outputs/2026-11-25/10-00-00 --out preds/
 python infer.py data_road/testing/image_2 --kitti-submission submission/    # 8-bit maps, benchmark names
+python infer.py data_road/testing/image_2 --kitti-submission submission/ --bev   # the same in bird's-eye view
 """
 
 import argparse
@@ -40,6 +41,13 @@ def kitti_name(path: Path) -> str:
     return f"{cat}_road_{idx}.png"
 
 
+def bev_homography(image: Path, calib_dir: Path | None, metrics):
+    calib = (calib_dir or image.parent.parent / "calib") / f"{image.stem}.txt"
+    if not calib.is_file():
+        raise FileNotFoundError(f"{calib}: no calib file for {image.name}, which --bev needs; pass --calib DIR")
+    return metrics.bev_homography(metrics.read_calib(calib))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="images, folders of images, or globs")
@@ -48,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write", default="mask,overlay", help=f"comma-separated, of {', '.join(KINDS)}")
     ap.add_argument("--threshold", type=float, default=0.5, help="road probability cut for mask and overlay")
     ap.add_argument("--kitti-submission", type=Path, help="also write 8-bit road maps named for the benchmark")
+    ap.add_argument("--bev", action="store_true", help="write every output in KITTI's bird's-eye view (needs calib)")
+    ap.add_argument("--calib", type=Path, help="folder of KITTI calib files (default: ../calib beside the images)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written earlier")
     args = ap.parse_args(argv)
@@ -58,7 +68,7 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
-    from segnet import data, predict
+    from segnet import data, metrics, predict
 
     try:
         paths = collect(args.inputs)
@@ -75,6 +85,7 @@ def main(argv=None) -> int:
         if not args.overwrite and (old := [t for t in targets.values() if t.exists()]):
             raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite")
         images = [data.read_image(p) for p in paths]
+        homographies = [bev_homography(p, args.calib, metrics) for p in paths] if args.bev else None
         model = predict.load(args.model)
     except (data.DatasetError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -86,14 +97,16 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     for folder, _ in outs:
         folder.mkdir(parents=True, exist_ok=True)
-    for p, image, prob in zip(paths, images, probs, strict=True):
+    for i, (p, image, prob) in enumerate(zip(paths, images, probs, strict=True)):
         road = prob >= args.threshold
         arrays = {
             "mask": (road * 255).astype(np.uint8),
             "overlay": predict.overlay(image, road),
-            "prob": (prob * 255).round().astype(np.uint8),
+            "prob": metrics.to_uint8_prob(prob),
         }
         arrays["kitti"] = arrays["prob"]
+        if args.bev:
+            arrays = {k: metrics.to_bev(a, homographies[i]) for k, a in arrays.items()}
         written = []
         for k in [k for _, ks in outs for k in ks]:
             Image.fromarray(arrays[k]).save(targets[(p, k)])

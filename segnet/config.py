@@ -38,7 +38,7 @@ class DatasetConfig:
     synthetic: SyntheticConfig | None = None  # set: generate the dataset at root first
     task: str = "road"  # road | lane (um only)
     categories: list[str] = field(default_factory=lambda: ["um", "umm", "uu"])
-    val_per_category: int = 16  # the last N of each category, as published KITTI results use
+    val_per_category: int = 16  # the last N of each category (at most a third), as published KITTI results use
     val_fraction: float | None = None  # instead: this fraction of each category, the last ones
     val_list: str | None = None  # instead: a text file of validation names (um_000079, ...)
     train_size: list[int] = field(default_factory=lambda: [96, 320])  # [H, W] the network trains at
@@ -73,10 +73,20 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    run: str | None = None  # run folder or .keras file; null: the newest run under outputs/
+    space: str = "perspective"  # perspective | bev (the test server's bird's-eye view; needs calib files)
+    pred_dir: str | None = None  # score these 8-bit maps (any method's) instead of running a model
+    gt_dir: str | None = None  # null: <dataset.root>/training/gt_image_2
+    batch_size: int = 4
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     outputs: str = "outputs"  # where runs live; infer.py and trainer.resume look for the newest one here
 

@@ -258,18 +258,19 @@ def _read_gt(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def evaluate_folder(prob_dir, gt_dir, calib_dir=None, space="perspective") -> dict[str, dict[str, float]]:
+def evaluate_folder(prob_dir, gt_dir, calib_dir=None, space="perspective", names=None) -> dict[str, dict[str, float]]:
     """Score the 8-bit maps in prob_dir (named like the ground truth, um_road_000000.png ...) against gt_dir.
 
     Returns scores per category found and URBAN_ROAD (the three road categories pooled). space="bev" first
-    transforms ground truth and map with each image's calib (calib_dir/um_000000.txt).
+    transforms ground truth and map with each image's calib (calib_dir/um_000000.txt). `names` limits the
+    scoring to those ground-truth files (a validation split).
     """
     if space not in ("perspective", "bev"):
         raise ValueError(f"space must be 'perspective' or 'bev', not {space!r}")
     if space == "bev" and calib_dir is None:
         raise ValueError("space='bev' needs calib_dir")
     prob_dir, gt_dir = Path(prob_dir), Path(gt_dir)
-    gt_files = sorted(gt_dir.glob("*.png"))
+    gt_files = sorted(gt_dir.glob("*.png")) if names is None else [gt_dir / n for n in sorted(names)]
     if not gt_files:
         raise ValueError(f"no ground-truth PNGs in {gt_dir}")
     counts: dict[str, Counts] = {}

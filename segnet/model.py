@@ -16,6 +16,7 @@ the scores back to the input size.
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers, ops
 
 from segnet.layers import transposed_output_size, upsample, vgg16_fc_to_conv
@@ -27,32 +28,63 @@ BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype="float32")
 STRIDE = 32  # five 2x2 poolings
 
 
+def scaled_size(x, scale):
+    """(H, W) of image batch x after scaling by scale = (sy, sx), as int32 tensors."""
+    h, w = ops.shape(x)[1], ops.shape(x)[2]
+    return tuple(ops.cast(ops.round(ops.cast(n, "float32") * s), "int32") for n, s in ((h, scale[0]), (w, scale[1])))
+
+
 @keras.saving.register_keras_serializable(package="segnet")
 class Preprocess(layers.Layer):
-    """RGB [0, 255] -> mean-subtracted BGR, then zero-pad bottom/right to a multiple of 32.
+    """RGB [0, 255] -> scaled to the training scale -> mean-subtracted BGR, zero-padded to a multiple of 32.
 
+    `scale` (sy, sx) is the factor the training frames were resized by (1, 1 when trained at native scale),
+    so a model trained on 160x576 resized KITTI frames sees a full 375x1242 frame at the scale it learned.
     Zero after mean subtraction is the mean colour, the most neutral padding for the encoder.
     """
 
+    def __init__(self, scale=(1.0, 1.0), **kwargs):
+        super().__init__(**kwargs)
+        self.scale = tuple(float(s) for s in scale)
+
     def call(self, x):
-        x = ops.flip(ops.cast(x, self.compute_dtype), axis=-1) - BGR_MEAN
+        x = ops.cast(x, self.compute_dtype)
+        if self.scale != (1.0, 1.0):
+            x = tf.image.resize(x, scaled_size(x, self.scale), antialias=True)  # keras.ops wants static sizes
+        x = ops.flip(x, axis=-1) - BGR_MEAN
         h, w = ops.shape(x)[1], ops.shape(x)[2]
         return ops.pad(x, [[0, 0], [0, (-h) % STRIDE], [0, (-w) % STRIDE], [0, 0]])
 
     def compute_output_shape(self, shape):
+        if self.scale != (1.0, 1.0):
+            return (shape[0], None, None, shape[3])
         up = lambda n: None if n is None else -(-n // STRIDE) * STRIDE  # noqa: E731
         return (shape[0], up(shape[1]), up(shape[2]), shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
 
 
 @keras.saving.register_keras_serializable(package="segnet")
 class CropLike(layers.Layer):
-    """Crop scores computed on the padded image back to the input's height and width."""
+    """Crop the scores computed on the padded image, and scale them back to the input's exact pixel grid."""
+
+    def __init__(self, scale=(1.0, 1.0), **kwargs):
+        super().__init__(**kwargs)
+        self.scale = tuple(float(s) for s in scale)
 
     def call(self, scores, image):
-        return scores[:, : ops.shape(image)[1], : ops.shape(image)[2], :]
+        h, w = ops.shape(image)[1], ops.shape(image)[2]
+        if self.scale == (1.0, 1.0):
+            return scores[:, :h, :w, :]
+        sh, sw = scaled_size(image, self.scale)
+        return tf.image.resize(scores[:, :sh, :sw, :], (h, w))
 
     def compute_output_shape(self, scores_shape, image_shape):
         return (scores_shape[0], image_shape[1], image_shape[2], scores_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
 
 
 def fcn(
@@ -63,13 +95,14 @@ def fcn(
     batch_norm: bool = True,
     dropout: float = 0.5,
     weights: str | None = None,
+    input_scale: tuple[float, float] = (1.0, 1.0),
 ) -> keras.Model:
     if name not in ("fcn8", "fcn16", "fcn32"):
         raise ValueError(f"model.name={name!r}: use fcn8, fcn16 or fcn32")
     ch = lambda n: max(1, round(n * width))  # noqa: E731
 
     image = keras.Input((None, None, 3), name="image")
-    x = Preprocess(dtype="float32", name="preprocess")(image)
+    x = Preprocess(input_scale, dtype="float32", name="preprocess")(image)
     pools = []
     for b, (channels, convs) in enumerate(VGG16_BLOCKS, start=1):
         for i in range(1, convs + 1):
@@ -117,7 +150,7 @@ def fcn(
         scores = fuse(up(scores, 2, 32, "upscore2"), pool4, "pool4")
         scores = fuse(up(scores, 2, 16, "upscore_pool4"), pool3, "pool3")
         scores = up(scores, 8, 8, "upscore8")
-    logits = CropLike(dtype="float32", name="logits")(scores, image)
+    logits = CropLike(input_scale, dtype="float32", name="logits")(scores, image)
     model = keras.Model(image, logits, name=name)
     if weights:
         load_vgg16_weights(model, weights)
@@ -156,8 +189,8 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
             model.get_layer(name).set_weights([kernel, bias])
 
 
-def build(cfg) -> keras.Model:
-    """The model named by the config's `model` group."""
+def build(cfg, input_scale=(1.0, 1.0)) -> keras.Model:
+    """The model named by the config's `model` group; input_scale as in Preprocess."""
     return fcn(
         cfg.name,
         width=cfg.width,
@@ -165,4 +198,5 @@ def build(cfg) -> keras.Model:
         batch_norm=cfg.batch_norm,
         dropout=cfg.dropout,
         weights=cfg.weights,
+        input_scale=input_scale,
     )

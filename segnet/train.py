@@ -133,7 +133,7 @@ class Epoch(keras.callbacks.Callback):
         super().__init__()
         self.run_dir, self.cfg, self.state = run_dir, cfg, state
         self.val_images, self.val_labels = val
-        self.inference_model = inference_model  # an uncompiled twin: best.keras without optimizer state
+        self.inference_model = inference_model
         self.writers = {k: tf.summary.create_file_writer(str(run_dir / "logs" / k)) for k in ("train", "validation")}
         (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
 
@@ -147,7 +147,10 @@ class Epoch(keras.callbacks.Callback):
             tf.summary.scalar("learning_rate", lr)
         self.writers["train"].flush()
         if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
-            scores, probs = validate(self.model, self.val_images, self.val_labels, self.cfg.trainer.batch_size)
+            self.inference_model.set_weights(self.model.get_weights())
+            scores, probs = validate(
+                self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
+            )
             logs.update({f"val_{k}": v for k, v in scores.items()})
             with self.writers["validation"].as_default(step=done):
                 for k, v in scores.items():
@@ -158,7 +161,6 @@ class Epoch(keras.callbacks.Callback):
             self.writers["validation"].flush()
             if scores["maxf"] > self.state.get("best", -1.0):
                 self.state.update(best=scores["maxf"], best_epoch=done)
-                self.inference_model.set_weights(self.model.get_weights())
                 save_atomic(self.run_dir / CKPT / "best.keras", self.inference_model.save)
                 info = {"epoch": done, **scores}
                 save_atomic(self.run_dir / CKPT / "best.json", lambda p: p.write_text(json.dumps(info, indent=1)))
@@ -210,13 +212,15 @@ def train(cfg, run_dir: Path) -> dict:
     train_images, train_labels = data.load(train_s)
     val = data.load(val_s)
     x, y = data.training_arrays(train_images, train_labels, cfg.dataset)
+    scale = data.input_scale(train_images, cfg.dataset)
     del train_images, train_labels
     t = cfg.trainer
     steps = t.steps_per_epoch or max(1, len(x) // t.batch_size)
     dataset = data.train_dataset(x, y, cfg.dataset, t.batch_size, cfg.seed)
     print(
         f"data: {len(train_s)} training, {len(val_s)} validation images from {root} | "
-        f"model: {cfg.model.name} width {cfg.model.width} | precision: {precision}"
+        f"model: {cfg.model.name} width {cfg.model.width}, predicts at scale {scale[0]:.3g} x {scale[1]:.3g} | "
+        f"precision: {precision}"
     )
 
     model = compiled_model(cfg, steps)
@@ -229,7 +233,9 @@ def train(cfg, run_dir: Path) -> dict:
         model.optimizer.build(model.trainable_variables)
         model.load_weights(prev / CKPT / state["weights"])
         print(f"resumed from {prev} after epoch {state['epoch']}")
-    inference_model = build(cfg.model)
+    # The network trains on train_size frames; its twin takes native frames, resizes them the same way and
+    # scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
+    inference_model = build(cfg.model, input_scale=scale)
     model.fit(
         dataset,
         epochs=t.epochs,

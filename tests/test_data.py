@@ -51,8 +51,8 @@ def test_split_fraction_list_and_small_datasets(tmp_path):
     samples = fake_samples({"um": 10, "uu": 3})
     _, val = data.split_samples(samples, DatasetConfig(val_fraction=0.2))
     assert [s.name for s in val] == ["um_000008", "um_000009", "uu_000002"]
-    _, val = data.split_samples(samples, DatasetConfig())  # 16 per category: keep one for training
-    assert len(val) == 9 + 2
+    _, val = data.split_samples(samples, DatasetConfig())  # 16 per category, but at most a third
+    assert [s.name for s in val] == ["um_000007", "um_000008", "um_000009", "uu_000002"]
     (tmp_path / "val.txt").write_text("um_000001\nuu_000000\n")
     train, val = data.split_samples(samples, DatasetConfig(val_list=str(tmp_path / "val.txt")))
     assert [s.name for s in val] == ["um_000001", "uu_000000"] and len(train) == 11
@@ -132,3 +132,11 @@ def test_train_dataset_is_deterministic_from_the_seed():
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
     assert not np.array_equal(a[0].numpy(), c[0].numpy())
     assert a[0].shape == (2, 32, 48, 3) and a[1].dtype == tf.uint8
+
+
+def test_input_scale_follows_the_training_resize():
+    images = [np.zeros((375, 1242, 3), np.uint8), np.zeros((370, 1226, 3), np.uint8)]
+    sy, sx = data.input_scale(images, DatasetConfig(train_size=[160, 576]))
+    assert sy == pytest.approx((160 / 375 + 160 / 370) / 2, abs=1e-6)
+    assert sx == pytest.approx((576 / 1242 + 576 / 1226) / 2, abs=1e-6)
+    assert data.input_scale(images, DatasetConfig(train_mode="crop")) == (1.0, 1.0)

@@ -67,3 +67,16 @@ def test_local_vgg16_h5_fills_encoder_and_fc_layers(tmp_path):
 def test_vgg16_weights_refuse_a_narrow_model():
     with pytest.raises(ValueError, match="width=1.0"):
         fcn("fcn8", width=0.5, weights="imagenet")
+
+
+def test_a_model_trained_on_resized_frames_predicts_native_frames_on_their_own_grid(tmp_path):
+    """KITTI frames trained at 160x576 come back at 1226x370, 1242x375, ... exactly; the scale is saved."""
+    scale = (160 / 375, 576 / 1242)
+    model = fcn("fcn8", width=1 / 16, input_scale=scale)
+    for h, w in [(370, 1226), (375, 1242), (374, 1238)]:
+        x = np.random.default_rng(0).uniform(0, 255, (1, h, w, 3)).astype("float32")
+        assert model.predict_on_batch(x).shape == (1, h, w, 2)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    assert loaded.get_layer("preprocess").scale == loaded.get_layer("logits").scale == scale
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)

@@ -81,9 +81,13 @@ def split_samples(samples: list[Sample], cfg) -> tuple[list[Sample], list[Sample
         val = set()
         for cat in sorted({s.category for s in samples}):
             members = [s.name for s in samples if s.category == cat]
-            n = round(len(members) * cfg.val_fraction) if cfg.val_fraction is not None else cfg.val_per_category
-            # Keep at least one training image per category when a small dataset meets the default rule.
-            n = min(n, len(members) - 1)
+            if cfg.val_fraction is not None:
+                n = round(len(members) * cfg.val_fraction)
+            else:
+                # KITTI's 95-98 per category give the published 16; a small dataset (the 12-per-category
+                # sample, a user's own) keeps two thirds for training instead of losing almost all of it.
+                n = min(cfg.val_per_category, max(1, len(members) // 3))
+            n = min(n, len(members) - 1)  # at least one training image per category
             val.update(members[len(members) - n :] if n > 0 else [])
         is_val = lambda s: s.name in val  # noqa: E731
     return [s for s in samples if not is_val(s)], [s for s in samples if is_val(s)]
@@ -145,6 +149,17 @@ def training_arrays(images, labels, cfg) -> tuple[np.ndarray, np.ndarray]:
     x = np.stack([resize(im, size) for im in images])
     y = np.stack([resize(lb, size, label=True) for lb in labels])
     return x, y
+
+
+def input_scale(images, cfg) -> tuple[float, float]:
+    """(sy, sx) from native frames to the scale the network trains at: inference resizes by the same factor."""
+    if cfg.train_mode != "resize":
+        return (1.0, 1.0)
+    h, w = cfg.train_size
+    return (
+        round(float(np.mean([h / im.shape[0] for im in images])), 6),
+        round(float(np.mean([w / im.shape[1] for im in images])), 6),
+    )
 
 
 def augment(image, label, seed, train_size, cfg):
