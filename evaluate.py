@@ -60,6 +60,8 @@ def main(cfg: DictConfig) -> None:
     try:
         results = evaluate(cfg, out)
     except (data.DatasetError, FileNotFoundError, ValueError) as e:
+        if HydraConfig.get().verbose:  # hydra.verbose=true: the full traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     (out / "scores.json").write_text(json.dumps(results, indent=1))

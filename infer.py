@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=Path, help="folder of KITTI calib files (default: ../calib beside the images)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written earlier")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     kinds = args.write.split(",") if args.write else []
     if unknown := set(kinds) - set(KINDS):
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
         homographies = [bev_homography(p, args.calib, metrics) for p in paths] if args.bev else None
         model = predict.load(args.model)
     except (data.DatasetError, FileNotFoundError, FileExistsError) as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

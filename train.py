@@ -19,15 +19,25 @@ def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
     from segnet.data import DatasetError
-    from segnet.train import train
+    from segnet.train import NonFiniteLoss, train
 
     OmegaConf.resolve(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        train(cfg, run_dir)
     except (DatasetError, FileNotFoundError) as e:
         # The user's data or paths, not our code: one clear line, no traceback.
+        if HydraConfig.get().verbose:  # hydra.verbose=true: the full traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        # Every finished epoch is already on disk (written atomically); only the current one is lost.
+        print(f"\ninterrupted: finished epochs are saved in {run_dir}; rerun with trainer.resume=true", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

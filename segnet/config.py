@@ -7,6 +7,7 @@ catches it on the command line first, to name the key it probably meant.
 
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
@@ -68,6 +69,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
     jit_compile: bool = False
     resume: bool = False  # continue the newest run under outputs/ from its last epoch
+    deterministic: bool = False  # deterministic ops: two runs of one config give identical numbers (slower)
     val_every: int = 1
     log_images: int = 3  # validation panels shown in TensorBoard
 
@@ -91,8 +93,21 @@ class Config:
     outputs: str = "outputs"  # where runs live; infer.py and trainer.resume look for the newest one here
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
 def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides=(), name: str = "config"):
+    """The config `python train.py <overrides>` would run with, for code that is not a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return hydra_compose(name, overrides=list(overrides))
 
 
 GROUPS = ("dataset", "model", "trainer")  # config groups: `dataset=kitti` picks a file, not a key

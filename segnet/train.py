@@ -12,6 +12,7 @@ A run folder (Hydra's output dir) holds everything about one run:
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
 from segnet import data, metrics, predict
 from segnet.model import build
@@ -94,7 +96,7 @@ class RoadMetric(keras.metrics.Metric):
         self.counts.assign(ops.zeros((3,)))
 
 
-def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.ndarray]]:
+def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.ndarray], metrics.Counts]:
     """Scores on the validation images at native resolution, computed the way the KITTI devkit does."""
     probs = predict.predict(model, images, batch_size)
     counts, loss, n = metrics.Counts.zero(), 0.0, 0
@@ -109,7 +111,17 @@ def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.
     out = {"loss": loss / max(n, 1), "maxf": s["MaxF"] / 100, "ap": s["AP"] / 100, "best_thresh": s["BestThresh"]}
     keys = {"road_iou": "IoU", "precision": "PRE", "recall": "REC", "f1": "F1"}
     out.update({ours: at_half[kit] / 100 for ours, kit in keys.items()})
-    return out, probs
+    return out, probs, counts
+
+
+def log_pr_curve(counts: metrics.Counts, step: int) -> None:
+    """The validation precision-recall curve at the devkit's 256 thresholds, for TensorBoard's PR-curve tab."""
+    tp, fp = counts.pos - counts.fn, counts.fp
+    pre = tp / np.maximum(tp + fp, 1)
+    rec = tp / max(counts.pos, 1)
+    table = np.stack([tp, fp, counts.neg - fp, counts.fn, pre, rec]).astype("float32")  # the plugin's layout
+    meta = pr_curve_metadata.create_summary_metadata("road", "validation, all categories pooled", metrics.NUM_THRESH)
+    tf.summary.write("road/pr_curves", table, step=step, metadata=meta.SerializeToString())
 
 
 def panel(image, label, prob) -> np.ndarray:
@@ -148,7 +160,7 @@ class Epoch(keras.callbacks.Callback):
         self.writers["train"].flush()
         if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
             self.inference_model.set_weights(self.model.get_weights())
-            scores, probs = validate(
+            scores, probs, counts = validate(
                 self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
             )
             logs.update({f"val_{k}": v for k, v in scores.items()})
@@ -158,6 +170,7 @@ class Epoch(keras.callbacks.Callback):
                 for i in range(min(self.cfg.trainer.log_images, len(probs))):
                     p = panel(self.val_images[i], self.val_labels[i], probs[i])
                     tf.summary.image(f"panel/{i}", p[None], step=done)
+                log_pr_curve(counts, done)
             self.writers["validation"].flush()
             if scores["maxf"] > self.state.get("best", -1.0):
                 self.state.update(best=scores["maxf"], best_epoch=done)
@@ -166,11 +179,36 @@ class Epoch(keras.callbacks.Callback):
                 save_atomic(self.run_dir / CKPT / "best.json", lambda p: p.write_text(json.dumps(info, indent=1)))
         weights = f"last-e{done:04d}.weights.h5"
         save_atomic(self.run_dir / CKPT / weights, self.model.save_weights)
-        self.state.update(epoch=done, weights=weights)
+        self.state.update(epoch=done, weights=weights, rng=[v.numpy().tolist() for v in seed_states(self.model)])
         save_atomic(self.run_dir / CKPT / "state.json", lambda p: p.write_text(json.dumps(self.state, indent=1)))
         for old in (self.run_dir / CKPT).glob("last-e*.weights.h5"):
             if old.name != weights:
                 old.unlink()
+
+
+def seed_states(model) -> list:
+    """Dropout's random generator states: save_weights leaves them out, but an exact resume needs them."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first NaN or Inf loss, before the epoch's end would checkpoint the broken weights."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise NonFiniteLoss(
+                f"the loss became {float(loss)} at batch {batch + 1}; the last good checkpoint is in "
+                f"{self.run_dir / CKPT}. Lower trainer.lr, or use trainer.precision=float32"
+            )
 
 
 def previous_run(outputs: str, current: Path) -> Path | None:
@@ -204,6 +242,8 @@ def train(cfg, run_dir: Path) -> dict:
     """Train per the config, writing into run_dir; return the final state (epoch, best MaxF, ...)."""
     start = time.time()
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.trainer.deterministic:
+        tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
     precision = set_precision(cfg.trainer.precision)
 
     root = data.prepare(cfg.dataset)
@@ -216,7 +256,6 @@ def train(cfg, run_dir: Path) -> dict:
     del train_images, train_labels
     t = cfg.trainer
     steps = t.steps_per_epoch or max(1, len(x) // t.batch_size)
-    dataset = data.train_dataset(x, y, cfg.dataset, t.batch_size, cfg.seed)
     print(
         f"data: {len(train_s)} training, {len(val_s)} validation images from {root} | "
         f"model: {cfg.model.name} width {cfg.model.width}, predicts at scale {scale[0]:.3g} x {scale[1]:.3g} | "
@@ -232,7 +271,16 @@ def train(cfg, run_dir: Path) -> dict:
         state = json.loads((prev / CKPT / "state.json").read_text())
         model.optimizer.build(model.trainable_variables)
         model.load_weights(prev / CKPT / state["weights"])
+        for v, value in zip(seed_states(model), state.get("rng", []), strict=False):
+            v.assign(np.asarray(value, v.dtype))
+        (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
+        for name in ("best.keras", "best.json"):  # this run's folder holds the best so far too
+            if (prev / CKPT / name).exists():
+                shutil.copy2(prev / CKPT / name, run_dir / CKPT / name)
         print(f"resumed from {prev} after epoch {state['epoch']}")
+    # Skipping the batches already trained on puts the data order and augmentation exactly where an
+    # uninterrupted run would be.
+    dataset = data.train_dataset(x, y, cfg.dataset, t.batch_size, cfg.seed).skip(state.get("epoch", 0) * steps)
     # The network trains on train_size frames; its twin takes native frames, resizes them the same way and
     # scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
     inference_model = build(cfg.model, input_scale=scale)
@@ -241,7 +289,7 @@ def train(cfg, run_dir: Path) -> dict:
         epochs=t.epochs,
         initial_epoch=state.get("epoch", 0),
         steps_per_epoch=steps,
-        callbacks=[Epoch(run_dir, val, inference_model, cfg, state)],
+        callbacks=[StopOnNonFiniteLoss(run_dir), Epoch(run_dir, val, inference_model, cfg, state)],
         shuffle=False,  # the dataset shuffles itself, reproducibly from the seed
         verbose=2 if os.environ.get("CI") else 1,
     )

@@ -6,6 +6,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
 
+from segnet.config import compose  # noqa: E402, F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 KITTI_SAMPLE = ROOT.parent / "shared" / "kitti_road_sample"
 
@@ -25,20 +27,17 @@ TINY = [
 ]
 
 
-def compose(overrides=()):
-    """The config `python train.py <overrides>` would run with."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from segnet.config import register
-
-    register()
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
-
-
 @pytest.fixture
 def kitti_sample():
     if not (KITTI_SAMPLE / "training" / "image_2").is_dir():
         pytest.skip(f"the real KITTI sample is not at {KITTI_SAMPLE} (it sits beside the repo in CI)")
     return KITTI_SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """Training sets Keras' global precision policy; later tests must not inherit bfloat16 from it."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")

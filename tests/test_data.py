@@ -67,6 +67,9 @@ def test_missing_ground_truth_names_the_file(tmp_path):
         data.list_samples(tmp_path)
     with pytest.raises(data.DatasetError, match="dataset.root"):
         data.list_samples(tmp_path / "nowhere")
+    (tmp_path / "empty" / "training" / "image_2").mkdir(parents=True)
+    with pytest.raises(data.DatasetError, match="image_2 holds no images"):
+        data.list_samples(tmp_path / "empty")
 
 
 def aligned_pair(h=40, w=64):
@@ -140,3 +143,41 @@ def test_input_scale_follows_the_training_resize():
     assert sy == pytest.approx((160 / 375 + 160 / 370) / 2, abs=1e-6)
     assert sx == pytest.approx((576 / 1242 + 576 / 1226) / 2, abs=1e-6)
     assert data.input_scale(images, DatasetConfig(train_mode="crop")) == (1.0, 1.0)
+
+
+def test_grey_rgba_and_16_bit_images_are_converted(tmp_path):
+    grey = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 7)])).save(tmp_path / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit, same brightness
+    for name in ("grey.png", "rgba.png", "deep.png"):
+        image = data.read_image(tmp_path / name)
+        assert image.shape == (6, 8, 3) and image.dtype == np.uint8, name
+        np.testing.assert_array_equal(image[..., 1], grey)
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(data.DatasetError, match="float.tiff.*8-bit RGB"):
+        data.read_image(tmp_path / "float.tiff")
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_a_broken_png_is_one_error_naming_the_file(tmp_path, content):
+    (tmp_path / "um_000000.png").write_bytes(content)
+    with pytest.raises(data.DatasetError, match="um_000000.png: not a readable image.*replace or remove"):
+        data.read_image(tmp_path / "um_000000.png")
+
+
+def test_masks_with_colours_outside_the_code_are_refused(tmp_path):
+    gt = np.zeros((4, 4, 3), np.uint8)
+    gt[:2] = (255, 0, 255)
+    gt[0, 0] = (250, 3, 251)  # a JPEG or smoothing artefact
+    write(tmp_path / "um_road_000000.png", gt)
+    with pytest.raises(data.DatasetError, match=r"1 pixels have colours outside the KITTI code.*nearest-neighbour"):
+        data.read_label(tmp_path / "um_road_000000.png")
+
+
+def test_ground_truth_without_its_image_is_one_error(tmp_path):
+    write(tmp_path / "training/image_2/um_000000.png", np.zeros((4, 4, 3), np.uint8))
+    write(tmp_path / "training/gt_image_2/um_road_000000.png", np.zeros((4, 4, 3), np.uint8))
+    write(tmp_path / "training/gt_image_2/um_road_000001.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(data.DatasetError, match="um_road_000001.png: ground truth without its image"):
+        data.list_samples(tmp_path)

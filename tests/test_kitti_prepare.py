@@ -17,7 +17,7 @@ def fake_data_road(root, n=2):
                 if split == "training":
                     g = root / split / "gt_image_2"
                     g.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(np.full((6, 8, 3), 255, np.uint8)).save(g / f"{cat}_road_{i:06d}.png")
+                    Image.fromarray(np.full((6, 8, 3), (255, 0, 255), np.uint8)).save(g / f"{cat}_road_{i:06d}.png")
 
 
 def zip_tree(src, zip_path):
@@ -57,11 +57,18 @@ def test_check_lists_every_problem_at_once(tmp_path, capsys):
     fake_data_road(root)
     (root / "training" / "gt_image_2" / "um_road_000001.png").unlink()
     (root / "training" / "gt_image_2" / "uu_road_000007.png").write_bytes(b"\x89PNG\r\n")  # truncated, orphan
+    gt = root / "training" / "gt_image_2" / "umm_road_000000.png"
+    smooth = np.asarray(Image.open(gt).convert("RGB")).copy()
+    smooth[0, :3] = (200, 0, 120)  # what a smoothing resize leaves at a class edge
+    Image.fromarray(smooth).save(gt)
+    Image.fromarray(smooth[:-1]).save(root / "training" / "gt_image_2" / "umm_road_000001.png")
     counts, problems = check(root)
     assert counts["training"] == {"um": 2, "umm": 2, "uu": 2}
     text = "\n".join(problems)
     assert "um_000001.png: no ground truth um_road_000001.png" in text
     assert "uu_road_000007.png: ground truth without an image" in text
-    assert "uu_road_000007.png: unreadable" in text
+    assert "uu_road_000007.png: not a readable image" in text
+    assert "umm_road_000000.png: 3 pixels of colours outside the KITTI code, e.g. [(200, 0, 120)]" in text
+    assert "umm_road_000001.png: " in text and "but its image is" in text
     assert data_cli.main(["check", str(root)]) == 1
-    assert "3 problem(s)" in capsys.readouterr().out
+    assert "6 problem(s)" in capsys.readouterr().out

@@ -20,7 +20,7 @@ def event_tags(log_dir: Path) -> dict[str, set[str]]:
         for e in tf.compat.v1.train.summary_iterator(str(f)):
             for v in e.summary.value:
                 kind = v.metadata.plugin_data.plugin_name
-                tags["images" if kind == "images" else "scalars"].add(v.tag)
+                tags.setdefault(kind if kind in ("images", "pr_curves") else "scalars", set()).add(v.tag)
     return tags
 
 
@@ -54,6 +54,12 @@ def test_tensorboard_holds_scalars_and_image_panels(run):
     assert wanted | {"learning_rate"} <= train_tags["scalars"]
     assert wanted | {"maxf", "ap"} <= val_tags["scalars"]
     assert {"panel/0", "panel/1"} <= val_tags["images"]
+    assert val_tags["pr_curves"] == {"road/pr_curves"}
+    (events,) = (run_dir / "logs" / "validation").glob("events*")
+    tables = [tf.make_ndarray(v.tensor) for e in tf.compat.v1.train.summary_iterator(str(events))
+              for v in e.summary.value if v.tag == "road/pr_curves"]  # fmt: skip
+    assert len(tables) == 2 and tables[0].shape == (6, 256)  # TP, FP, TN, FN, precision, recall per threshold
+    assert np.all((tables[0][4:] >= 0) & (tables[0][4:] <= 1)) and tables[0][5, 0] == 1  # recall 1 at p >= 0
 
 
 def test_resume_continues_from_the_last_epoch(run, tmp_path):
@@ -178,3 +184,30 @@ def test_a_small_run_learns_the_road(tmp_path):
     p = (labels == 1).sum() / (labels != data.IGNORE).sum()
     all_road_f1 = 2 * p / (1 + p)
     assert best["f1"] > all_road_f1 + 0.2, (best, all_road_f1, state)
+
+
+def infer(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_infer_refuses_bad_inputs_and_never_overwrites(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "a.png")
+    (frames / "b.png").write_bytes(b"GIF89a not really")
+    cases = [
+        ((tmp_path / "missing.png",), "missing.png: no such file"),
+        ((frames / "b.png", "--out", tmp_path / "out"), "b.png: not a readable image"),
+        ((frames / "a.png", "--out", frames), "the output folder is the input folder"),
+    ]
+    for args, message in cases:
+        out = infer(*args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_mask.png").write_bytes(b"an earlier result")
+    out = infer(frames / "a.png", "--out", tmp_path / "out", cwd=tmp_path)
+    assert out.returncode == 2 and "--overwrite" in out.stderr
+    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"an earlier result"
+    assert "Traceback" in infer(tmp_path / "missing.png", "--debug", cwd=tmp_path).stderr

@@ -57,6 +57,15 @@ def list_samples(root, split: str = "training", categories=CATEGORIES, task: str
     if not samples:
         raise DatasetError(f"{image_dir} holds no images of categories {list(categories)}")
     if split == "training":
+        names = {s.name for s in samples}
+        for gt in sorted((root / split / "gt_image_2").glob(f"*_{task}_*.png")):
+            cat, _, idx = gt.stem.partition(f"_{task}_")
+            if cat in categories and f"{cat}_{idx}" not in names:
+                raise DatasetError(
+                    f"{gt}: ground truth without its image {image_dir / f'{cat}_{idx}.png'}; "
+                    "add the image or remove the mask"
+                )
+    if split == "training":
         missing = [s.name for s in samples if s.gt is None]
         if missing:
             raise DatasetError(
@@ -94,17 +103,45 @@ def split_samples(samples: list[Sample], cfg) -> tuple[list[Sample], list[Sample
 
 
 def read_image(path) -> np.ndarray:
-    """HxWx3 uint8 RGB."""
+    """HxWx3 uint8 RGB. Grey, palette and RGBA images are converted; 16-bit ones scaled to 8 bits."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = (np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            if im.mode == "F":
+                raise DatasetError(f"{path}: a floating-point image; save it as 8-bit RGB PNG")
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: not a readable image ({e}); replace or remove the file") from None
 
 
+# The benchmark's colour code: road, non-road, outside the evaluation area, road outside it (rare).
+GT_COLOURS = {(255, 0, 255), (255, 0, 0), (0, 0, 0), (0, 0, 255)}
+
+
+def off_code_colours(gt: np.ndarray) -> tuple[int, list]:
+    """Pixels of a ground-truth mask outside the KITTI colour code: how many, and the commonest colours."""
+    code = (gt[..., 0].astype(np.int32) << 16) | (gt[..., 1].astype(np.int32) << 8) | gt[..., 2]
+    allowed = [(r << 16) | (g << 8) | b for r, g, b in GT_COLOURS]
+    bad = code[~np.isin(code, allowed)]
+    if not bad.size:
+        return 0, []
+    values, counts = np.unique(bad, return_counts=True)
+    top = values[np.argsort(-counts)[:3]]
+    return int(bad.size), [(int(v >> 16), int(v >> 8 & 255), int(v & 255)) for v in top]
+
+
 def read_label(path) -> np.ndarray:
-    """HxW uint8: 1 road, 0 non-road, IGNORE outside the evaluation area."""
+    """HxW uint8: 1 road, 0 non-road, IGNORE outside the evaluation area; refuses colours outside the code."""
     gt = read_image(path)
+    n, examples = off_code_colours(gt)
+    if n:
+        raise DatasetError(
+            f"{path}: {n} pixels have colours outside the KITTI code (e.g. {examples}); masks must use only "
+            "(255,0,255) road, (255,0,0) non-road and (0,0,0) ignore: save them as PNG and resize them "
+            "with nearest-neighbour, never with a smoothing filter or JPEG"
+        )
     valid, road = gt[..., 0] > 0, gt[..., 2] > 0
     return np.where(valid, road.astype(np.uint8), np.uint8(IGNORE))
 
@@ -235,12 +272,27 @@ def check(root) -> tuple[dict[str, dict[str, int]], list[str]]:
             cat, task, idx = name.split("_") if name.count("_") == 2 else (None, None, None)
             if cat is None or f"{cat}_{idx}" not in images:
                 problems.append(f"{path}: ground truth without an image")
-        for path in [*images.values(), *gts.values()]:
+        shapes = {}
+        for path in images.values():
             try:
-                with Image.open(path) as im:
-                    im.load()
-            except (OSError, ValueError) as e:
-                problems.append(f"{path}: unreadable ({e})")
+                shapes[path.stem] = read_image(path).shape[:2]
+            except DatasetError as e:
+                problems.append(str(e))
+        for name, path in gts.items():
+            try:
+                gt = read_image(path)
+            except DatasetError as e:
+                problems.append(str(e))
+                continue
+            n, examples = off_code_colours(gt)
+            if n:
+                problems.append(f"{path}: {n} pixels of colours outside the KITTI code, e.g. {examples}")
+            cat, _, idx = name.rpartition("_")
+            image_shape = shapes.get(f"{cat.split('_')[0]}_{idx}")
+            if image_shape is not None and image_shape != gt.shape[:2]:
+                problems.append(
+                    f"{path}: {gt.shape[1]}x{gt.shape[0]}, but its image is {image_shape[1]}x{image_shape[0]}"
+                )
     return counts, problems
 
 
