@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 
 from segnet.layers import (
     bilinear_kernel,
@@ -18,7 +19,6 @@ from segnet.layers import (
     transposed_output_size,
     upsample,
 )
-from tests.conftest import ROOT
 
 # --- the tutorial's shape table ------------------------------------------------------------------------
 
