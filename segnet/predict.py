@@ -37,7 +37,7 @@ def load(model=None, outputs="outputs") -> keras.Model:
 
 def road_probability(logits: np.ndarray) -> np.ndarray:
     """Softmax over two classes, road's share: 1 / (1 + exp(l_nonroad - l_road))."""
-    return 1.0 / (1.0 + np.exp(logits[..., 0] - logits[..., 1]))
+    return 1.0 / (1.0 + np.exp(np.clip(logits[..., 0] - logits[..., 1], -80, 80)))  # clip: no overflow
 
 
 def predict(model: keras.Model, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
