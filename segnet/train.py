@@ -53,7 +53,10 @@ class MaskedCrossEntropy(keras.losses.Loss):
 
     def __init__(self, class_weights=None, name="masked_cross_entropy"):
         super().__init__(name=name)
-        self.class_weights = class_weights
+        # A plain list: Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        if self.class_weights is not None and len(self.class_weights) != 2:
+            raise ValueError(f"trainer.class_weights={class_weights}: give two, [non-road, road]")
 
     def call(self, labels, logits):
         labels = ops.cast(labels, "int32")
@@ -198,16 +201,18 @@ class NonFiniteLoss(RuntimeError):
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stop at the first NaN or Inf loss, before the epoch's end would checkpoint the broken weights."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, state: dict):
         super().__init__()
-        self.run_dir = run_dir
+        self.state = state  # shared with Epoch: the last finished epoch
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)):
+            done = self.state.get("epoch", 0)
+            kept = f"epochs 1-{done} are saved (trainer.resume=true continues)" if done else "no epoch had finished"
             raise NonFiniteLoss(
-                f"the loss became {float(loss)} at batch {batch + 1}; the last good checkpoint is in "
-                f"{self.run_dir / CKPT}. Lower trainer.lr, or use trainer.precision=float32"
+                f"the loss became {float(loss)} in epoch {done + 1}, batch {batch + 1}; nothing of this epoch "
+                f"was saved, {kept}. Lower trainer.lr, or try trainer.precision=float32"
             )
 
 
@@ -289,7 +294,7 @@ def train(cfg, run_dir: Path) -> dict:
         epochs=t.epochs,
         initial_epoch=state.get("epoch", 0),
         steps_per_epoch=steps,
-        callbacks=[StopOnNonFiniteLoss(run_dir), Epoch(run_dir, val, inference_model, cfg, state)],
+        callbacks=[StopOnNonFiniteLoss(state), Epoch(run_dir, val, inference_model, cfg, state)],
         shuffle=False,  # the dataset shuffles itself, reproducibly from the seed
         verbose=2 if os.environ.get("CI") else 1,
     )

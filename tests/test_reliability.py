@@ -91,7 +91,14 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):
-    guard = StopOnNonFiniteLoss(tmp_path)
+    guard = StopOnNonFiniteLoss({"epoch": 4})
     guard.on_train_batch_end(0, {"loss": 0.7})  # a finite loss passes
-    with pytest.raises(NonFiniteLoss, match="last good checkpoint.*trainer.lr"):
+    with pytest.raises(NonFiniteLoss, match="epoch 5, batch 4.*epochs 1-4 are saved.*trainer.lr"):
         guard.on_train_batch_end(3, {"loss": float("nan")})
+
+    # A NaN class weight makes the very first loss NaN: exit 3, and no broken weights on disk.
+    out = subprocess.run(train_cmd(tmp_path, "nan", "trainer.class_weights=[nan,nan]"), capture_output=True, text=True)
+    assert out.returncode == 3
+    assert "the loss became nan in epoch 1, batch 1" in out.stderr and "no epoch had finished" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "outputs" / "nan").glob("checkpoints/*.h5"))

@@ -156,6 +156,12 @@ def test_config_typo_fails_at_start_with_the_key_named(tmp_path):
     assert out.returncode != 0
     assert "unknown config key 'trainer.epoch': did you mean trainer.epochs?" in out.stderr
     assert not (tmp_path / "data").exists()  # failed before any work
+    wrong_type = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer.epochs=abc"], capture_output=True, text=True, cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert wrong_type.returncode != 0 and "full_key: trainer.epochs" in wrong_type.stderr
+    assert "could not be converted to Integer" in wrong_type.stderr and not (tmp_path / "data").exists()
 
 
 def test_wrong_dataset_root_is_one_clear_error(tmp_path):
@@ -211,3 +217,18 @@ def test_infer_refuses_bad_inputs_and_never_overwrites(tmp_path):
     assert out.returncode == 2 and "--overwrite" in out.stderr
     assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"an earlier result"
     assert "Traceback" in infer(tmp_path / "missing.png", "--debug", cwd=tmp_path).stderr
+
+
+def test_loss_ignores_pixels_outside_the_evaluation_area_and_weights_classes():
+    from omegaconf import OmegaConf
+
+    from segnet.train import MaskedCrossEntropy
+
+    labels = np.array([[[1, 0, data.IGNORE]]], np.uint8)
+    logits = np.array([[[[0.0, 2.0], [0.0, 2.0], [50.0, -50.0]]]], np.float32)  # the ignored pixel is very wrong
+    ce_road, ce_non = np.log1p(np.exp(-2.0)), np.log1p(np.exp(2.0))
+    assert float(MaskedCrossEntropy()(labels, logits)) == pytest.approx((ce_road + ce_non) / 2, rel=1e-5)
+    weighted = MaskedCrossEntropy(OmegaConf.create([1.0, 3.0]))  # as Hydra passes it
+    assert float(weighted(labels, logits)) == pytest.approx((3 * ce_road + ce_non) / 4, rel=1e-5)
+    with pytest.raises(ValueError, match="non-road, road"):
+        MaskedCrossEntropy([1.0])
