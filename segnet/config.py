@@ -45,6 +45,8 @@ class DatasetConfig:
     train_size: list[int] = field(default_factory=lambda: [96, 320])  # [H, W] the network trains at
     train_mode: str = "resize"  # resize: whole frame scaled to train_size | crop: random crops at native scale
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: str = "memory"  # training frames decoded and resized once, kept in RAM | disk: reused by later runs
+    cache_dir: str = "data/cache"  # where cache=disk keeps them, memory-mapped
 
 
 @dataclass

@@ -34,6 +34,28 @@ def scaled_size(x, scale):
     return tuple(ops.cast(ops.round(ops.cast(n, "float32") * s), "int32") for n, s in ((h, scale[0]), (w, scale[1])))
 
 
+def resize_weights(n_in, n_out):
+    """(n_out, n_in) triangle-filter weights: bilinear when enlarging, antialiased when shrinking.
+
+    The same filter as PIL's BILINEAR resize, which made the training frames, and as tf.image.resize with
+    antialias=True; written as two matrix products so that ONNX and TFLite can run it.
+    """
+    n_in_f, n_out_f = ops.cast(n_in, "float32"), ops.cast(n_out, "float32")
+    scale = n_out_f / n_in_f
+    support = ops.maximum(1.0 / scale, 1.0)  # the filter's half-width, in input pixels
+    centre = (ops.cast(ops.arange(n_out), "float32") + 0.5) / scale - 0.5
+    dist = ops.abs(ops.cast(ops.arange(n_in), "float32")[None, :] - centre[:, None])
+    w = ops.relu(1.0 - dist / support)
+    return w / ops.sum(w, axis=1, keepdims=True)
+
+
+def resize(x, size):
+    """Resize a (B, H, W, C) batch to size = (h, w) with resize_weights along each axis."""
+    wy, wx = resize_weights(ops.shape(x)[1], size[0]), resize_weights(ops.shape(x)[2], size[1])
+    x = ops.einsum("oh,bhwc->bowc", wy, x)
+    return ops.einsum("pw,bowc->bopc", wx, x)
+
+
 @keras.saving.register_keras_serializable(package="segnet")
 class Preprocess(layers.Layer):
     """RGB [0, 255] -> scaled to the training scale -> mean-subtracted BGR, zero-padded to a multiple of 32.
@@ -50,10 +72,11 @@ class Preprocess(layers.Layer):
     def call(self, x):
         x = ops.cast(x, self.compute_dtype)
         if self.scale != (1.0, 1.0):
-            x = tf.image.resize(x, scaled_size(x, self.scale), antialias=True)  # keras.ops wants static sizes
+            x = resize(x, scaled_size(x, self.scale))
         x = ops.flip(x, axis=-1) - BGR_MEAN
         h, w = ops.shape(x)[1], ops.shape(x)[2]
-        return ops.pad(x, [[0, 0], [0, (-h) % STRIDE], [0, (-w) % STRIDE], [0, 0]])
+        # (STRIDE - n % STRIDE) % STRIDE, not (-n) % STRIDE: ONNX's Mod differs from Python's on negatives.
+        return ops.pad(x, [[0, 0], [0, (STRIDE - h % STRIDE) % STRIDE], [0, (STRIDE - w % STRIDE) % STRIDE], [0, 0]])
 
     def compute_output_shape(self, shape):
         if self.scale != (1.0, 1.0):

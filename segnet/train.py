@@ -254,11 +254,8 @@ def train(cfg, run_dir: Path) -> dict:
     root = data.prepare(cfg.dataset)
     samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
     train_s, val_s = data.split_samples(samples, cfg.dataset)
-    train_images, train_labels = data.load(train_s)
+    x, y, scale = data.training_set(train_s, cfg.dataset)
     val = data.load(val_s)
-    x, y = data.training_arrays(train_images, train_labels, cfg.dataset)
-    scale = data.input_scale(train_images, cfg.dataset)
-    del train_images, train_labels
     t = cfg.trainer
     steps = t.steps_per_epoch or max(1, len(x) // t.batch_size)
     print(

@@ -188,3 +188,29 @@ def test_ground_truth_of_another_size_than_its_image_is_one_error(tmp_path):
     write(tmp_path / "training/gt_image_2/um_road_000000.png", np.zeros((4, 5, 3), np.uint8))
     with pytest.raises(data.DatasetError, match=r"um_road_000000.png: ground truth is 5x4 but its image .* is 6x4"):
         data.load(data.list_samples(tmp_path))
+
+
+def test_disk_cache_gives_the_same_batches_and_is_reused_until_the_data_change(tmp_path):
+    for i in range(4):
+        image = np.random.default_rng(i).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+        write(tmp_path / f"training/image_2/um_{i:06d}.png", image)
+        write(tmp_path / f"training/gt_image_2/um_road_{i:06d}.png", np.full((20, 30, 3), (255, 0, 255), np.uint8))
+    samples = data.list_samples(tmp_path)
+    memory = DatasetConfig(train_size=[16, 24], cache="memory")
+    disk = DatasetConfig(train_size=[16, 24], cache="disk", cache_dir=str(tmp_path / "cache"))
+    xm, ym, scale_m = data.training_set(samples, memory)
+    xd, yd, scale_d = data.training_set(samples, disk)
+    assert isinstance(xd, np.memmap) and scale_d == scale_m
+    np.testing.assert_array_equal(xd, xm)
+    a = next(iter(data.train_dataset(xm, ym, memory, 2, seed=3)))
+    b = next(iter(data.train_dataset(xd, yd, disk, 2, seed=3)))
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u.numpy(), v.numpy())
+
+    (folder,) = (tmp_path / "cache").iterdir()
+    stamp = (folder / "x.npy").stat().st_mtime_ns
+    data.training_set(samples, disk)
+    assert (folder / "x.npy").stat().st_mtime_ns == stamp  # reused
+    write(tmp_path / "training/image_2/um_000001.png", np.zeros((20, 30, 3), np.uint8))
+    data.training_set(data.list_samples(tmp_path), disk)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # an edited image means a new cache

@@ -10,6 +10,10 @@ Labels are read as the benchmark reads them: valid = red > 0, road = blue > 0 in
 IGNORE (the loss and the metrics skip it). Never "not red means road".
 """
 
+import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +192,37 @@ def training_arrays(images, labels, cfg) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Training frames and labels decoded and resized once, and the input scale (see input_scale).
+
+    cache=memory keeps them in RAM. cache=disk writes them to cache_dir as .npy files that this and later
+    runs memory-map; the key covers every file's path, size and mtime and the resize settings, so an edited
+    dataset is decoded again.
+    """
+    if cfg.cache not in ("memory", "disk"):
+        raise DatasetError(f"dataset.cache={cfg.cache!r}: use memory or disk")
+    if cfg.cache == "disk":
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for s in samples for p in (s.image, s.gt)]
+        spec = {"files": files, "mode": cfg.train_mode, "size": list(cfg.train_size)}
+        folder = Path(cfg.cache_dir) / hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
+        if not (folder / "scale.json").exists():
+            images, labels = load(samples)
+            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            x, y = training_arrays(images, labels, cfg)
+            np.save(tmp / "x.npy", x)
+            np.save(tmp / "y.npy", y)
+            (tmp / "scale.json").write_text(json.dumps(input_scale(images, cfg)))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)  # appears complete or not at all
+        scale = tuple(json.loads((folder / "scale.json").read_text()))
+        return np.load(folder / "x.npy", mmap_mode="r"), np.load(folder / "y.npy", mmap_mode="r"), scale
+    images, labels = load(samples)
+    x, y = training_arrays(images, labels, cfg)
+    return x, y, input_scale(images, cfg)
+
+
 def input_scale(images, cfg) -> tuple[float, float]:
     """(sy, sx) from native frames to the scale the network trains at: inference resizes by the same factor."""
     if cfg.train_mode != "resize":
@@ -242,7 +277,12 @@ def augment(image, label, seed, train_size, cfg):
 def train_dataset(x: np.ndarray, y: np.ndarray, cfg, batch_size: int, seed: int) -> tf.data.Dataset:
     """Endless shuffled, augmented batches of (float32 RGB in [0, 255], uint8 labels)."""
     size = tuple(cfg.train_size)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat()
+    if isinstance(x, np.memmap):  # cache=disk: read each frame from the mapped file when it is needed
+        ds = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed).repeat()
+        ds = ds.map(lambda i: tf.numpy_function(lambda i: (x[i], y[i]), [i], (tf.uint8, tf.uint8), stateful=False))
+        ds = ds.map(lambda a, b: (tf.ensure_shape(a, x.shape[1:]), tf.ensure_shape(b, y.shape[1:])))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat()
     seeds = tf.data.Dataset.random(seed=seed).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds).map(
         lambda xy, s: augment(xy[0], xy[1], s, size, cfg.augment), num_parallel_calls=tf.data.AUTOTUNE
