@@ -1,13 +1,16 @@
-"""Predict road masks for images, folders or globs with a trained run.
+"""Predict road masks for images, folders, globs and videos with a trained model.
 
 python infer.py image.png                         # newest run under outputs/, writes to outputs/predictions
 python infer.py frames/ "more/*.png" --model outputs/2026-11-25/10-00-00 --out preds/
+python infer.py drive.mp4                         # an overlay video (pip install -e ".[video]")
+python infer.py frames/ --model outputs/.../exports/model.tflite   # any export of segnet.export
 python infer.py data_road/testing/image_2 --kitti-submission submission/    # 8-bit maps, benchmark names
 python infer.py data_road/testing/image_2 --kitti-submission submission/ --bev   # the same in bird's-eye view
 """
 
 import argparse
 import glob
+import itertools
 import os
 import sys
 import time
@@ -16,16 +19,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 KINDS = ("mask", "overlay", "prob")
+CHUNK = 32  # images read, predicted and written together: memory stays flat on long folders
 
 
 def collect(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images) and globs, in order, each once."""
+    """Files, folders (their images and videos) and globs, in order, each once."""
     paths = []
     for arg in inputs:
         p = Path(arg)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
         elif p.exists():
             paths.append(p)
         elif matches := sorted(glob.glob(arg)):
@@ -48,13 +53,23 @@ def bev_homography(image: Path, calib_dir: Path | None, metrics):
     return metrics.bev_homography(metrics.read_calib(calib))
 
 
+def imageio():
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio reads and writes videos with)
+    except ImportError:
+        raise FileNotFoundError("videos need imageio and imageio-ffmpeg: pip install -e '.[video]'") from None
+    return imageio
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="images, folders of images, or globs")
-    ap.add_argument("--model", help="run folder or .keras file (default: the newest run under outputs/)")
+    ap.add_argument("inputs", nargs="+", help="images, videos, folders of them, or globs")
+    ap.add_argument("--model", help="run folder, .keras, SavedModel folder, .tflite or .onnx (default: newest run)")
     ap.add_argument("--out", type=Path, default=Path("outputs/predictions"), help="output folder")
     ap.add_argument("--write", default="mask,overlay", help=f"comma-separated, of {', '.join(KINDS)}")
-    ap.add_argument("--threshold", type=float, default=0.5, help="road probability cut for mask and overlay")
+    ap.add_argument("--threshold", type=float, help="road probability cut (default: the run's BestThresh, else 0.5)")
+    ap.add_argument("--uncertain", type=float, default=0.0, help="tint pixels this close to the cut amber")
     ap.add_argument("--kitti-submission", type=Path, help="also write 8-bit road maps named for the benchmark")
     ap.add_argument("--bev", action="store_true", help="write every output in KITTI's bird's-eye view (needs calib)")
     ap.add_argument("--calib", type=Path, help="folder of KITTI calib files (default: ../calib beside the images)")
@@ -66,6 +81,7 @@ def main(argv=None) -> int:
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"--write {args.write}: unknown {sorted(unknown)}, choose from {', '.join(KINDS)}")
 
+    import keras
     import numpy as np
     from PIL import Image
 
@@ -73,50 +89,93 @@ def main(argv=None) -> int:
 
     try:
         paths = collect(args.inputs)
+        videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
+        images = [p for p in paths if p not in videos]
         outs = [(args.out, kinds)] + ([(args.kitti_submission, ["kitti"])] if args.kitti_submission else [])
         targets = {}
-        for p in paths:
+        for p in images:
             for folder, ks in outs:
                 for k in ks:
-                    name = kitti_name(p) if k == "kitti" else f"{p.stem}_{k}.png"
-                    targets[(p, k)] = folder / name
+                    targets[(p, k)] = folder / (kitti_name(p) if k == "kitti" else f"{p.stem}_{k}.png")
+        for p in videos:
+            targets[(p, "video")] = args.out / f"{p.stem}_overlay.mp4"
         for p in paths:
             if p.parent.resolve() in {folder.resolve() for folder, _ in outs}:
                 raise FileExistsError(f"{p}: the output folder is the input folder; choose another --out")
         if not args.overwrite and (old := [t for t in targets.values() if t.exists()]):
             raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite")
-        images = [data.read_image(p) for p in paths]
-        homographies = [bev_homography(p, args.calib, metrics) for p in paths] if args.bev else None
-        model = predict.load(args.model)
+        video_io = imageio() if videos else None
+        homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
+        path = predict.model_path(args.model)
+        model = predict.load(path)
+        threshold = args.threshold if args.threshold is not None else predict.best_threshold(path) or 0.5
     except (data.DatasetError, FileNotFoundError, FileExistsError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    predict.predict(model, images[:1])  # warm-up: the first call traces the graph
-    start = time.perf_counter()
-    probs = predict.predict(model, images, args.batch_size)
-    seconds = time.perf_counter() - start
     for folder, _ in outs:
         folder.mkdir(parents=True, exist_ok=True)
-    for i, (p, image, prob) in enumerate(zip(paths, images, probs, strict=True)):
-        road = prob >= args.threshold
-        arrays = {
-            "mask": (road * 255).astype(np.uint8),
-            "overlay": predict.overlay(image, road),
-            "prob": metrics.to_uint8_prob(prob),
-        }
-        arrays["kitti"] = arrays["prob"]
-        if args.bev:
-            arrays = {k: metrics.to_bev(a, homographies[i]) for k, a in arrays.items()}
-        written = []
-        for k in [k for _, ks in outs for k in ks]:
-            Image.fromarray(arrays[k]).save(targets[(p, k)])
-            written.append(str(targets[(p, k)]))
-        print(f"{p}: {road.mean():.1%} road -> {', '.join(written)}")
-    n = len(images)
-    print(f"{n} image(s) in {seconds:.2f} s: {n / seconds:.2f} images/s, {1000 * seconds / n:.0f} ms/image")
+    print(f"model {path}, threshold {threshold:.3f}")
+
+    def render(image, prob):
+        road = prob >= threshold
+        band = np.abs(prob - threshold) < args.uncertain if args.uncertain else None
+        return road, predict.overlay(image, road, uncertain=band)
+
+    seconds, count, warm = 0.0, 0, set()
+
+    def timed_predict(batch_images):
+        """Predict and time it; the first call for each image size (it builds the graph) goes before, untimed."""
+        nonlocal seconds, count
+        for shape, image in {im.shape: im for im in batch_images if im.shape not in warm}.items():
+            predict.predict(model, [image])
+            warm.add(shape)
+        start = time.perf_counter()
+        probs = predict.predict(model, batch_images, args.batch_size)
+        seconds, count = seconds + time.perf_counter() - start, count + len(batch_images)
+        return probs
+
+    bar = keras.utils.Progbar(len(images), unit_name="image") if len(images) > 1 else None
+    for k in range(0, len(images), CHUNK):
+        chunk = images[k : k + CHUNK]
+        try:
+            arrays = [data.read_image(p) for p in chunk]
+        except data.DatasetError as e:
+            print(f"\nerror: {e}", file=sys.stderr)  # the outputs written so far stay
+            return 2
+        for p, image, prob in zip(chunk, arrays, timed_predict(arrays), strict=True):
+            road, over = render(image, prob)
+            out = {"mask": (road * 255).astype(np.uint8), "overlay": over, "prob": metrics.to_uint8_prob(prob)}
+            out["kitti"] = out["prob"]
+            if args.bev:
+                out = {kind: metrics.to_bev(a, homographies[p]) for kind, a in out.items()}
+            for kind in [kind for _, ks in outs for kind in ks]:
+                Image.fromarray(out[kind]).save(targets[(p, kind)])
+            if bar is None:
+                print(
+                    f"{p}: {road.mean():.1%} road -> {', '.join(str(targets[(p, kind)]) for _, ks in outs for kind in ks)}"
+                )
+        if bar is not None:
+            bar.add(len(chunk))
+    if bar is not None:
+        print(f"{len(images)} images -> {args.out}")
+
+    for video in videos:
+        reader = video_io.get_reader(video)
+        writer = video_io.get_writer(targets[(video, "video")], fps=reader.get_meta_data().get("fps", 25))
+        bar = keras.utils.Progbar(None, unit_name="frame")
+        with reader, writer:
+            frames = iter(reader)
+            while batch := [np.asarray(f)[..., :3] for f in itertools.islice(frames, CHUNK)]:
+                for image, prob in zip(batch, timed_predict(batch), strict=True):
+                    writer.append_data(render(image, prob)[1])
+                bar.add(len(batch))
+        print(f"\n{video} -> {targets[(video, 'video')]}")
+
+    if count:
+        print(f"{count} images in {seconds:.2f} s (warm-up excluded): {count / seconds:.2f} images/s, "
+              f"{1000 * seconds / count:.0f} ms/image")  # fmt: skip
     return 0
 
 

@@ -14,6 +14,8 @@ W: it pads the input to a multiple of 32 (so every pooling halves exactly and ev
 the scores back to the input size.
 """
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -52,8 +54,7 @@ def resize_weights(n_in, n_out):
 def resize(x, size):
     """Resize a (B, H, W, C) batch to size = (h, w) with resize_weights along each axis."""
     wy, wx = resize_weights(ops.shape(x)[1], size[0]), resize_weights(ops.shape(x)[2], size[1])
-    x = ops.einsum("oh,bhwc->bowc", wy, x)
-    return ops.einsum("pw,bowc->bopc", wx, x)
+    return ops.einsum("pw,bowc->bopc", wx, ops.einsum("oh,bhwc->bowc", wy, x))
 
 
 @keras.saving.register_keras_serializable(package="segnet")
@@ -76,7 +77,9 @@ class Preprocess(layers.Layer):
         x = ops.flip(x, axis=-1) - BGR_MEAN
         h, w = ops.shape(x)[1], ops.shape(x)[2]
         # (STRIDE - n % STRIDE) % STRIDE, not (-n) % STRIDE: ONNX's Mod differs from Python's on negatives.
-        return ops.pad(x, [[0, 0], [0, (STRIDE - h % STRIDE) % STRIDE], [0, (STRIDE - w % STRIDE) % STRIDE], [0, 0]])
+        ph, pw = (STRIDE - h % STRIDE) % STRIDE, (STRIDE - w % STRIDE) % STRIDE
+        x = ops.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]])
+        return ops.reshape(x, (-1, h + ph, w + pw, 3))  # a dynamic pad forgets the channels; TFLite needs them
 
     def compute_output_shape(self, shape):
         if self.scale != (1.0, 1.0):
@@ -210,6 +213,34 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
             raise ValueError("ImageNet fc6 weights need model.fc6_kernel=7")
         for name, (kernel, bias) in vgg16_fc_to_conv(vgg).items():
             model.get_layer(name).set_weights([kernel, bias])
+
+
+def auto_precision() -> str:
+    """bfloat16 on CPUs that run it natively (AVX512-BF16, AMX), float16 on GPUs from Volta on, else float32."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "float16" if cc >= (7, 0) else "float32"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def with_precision(model: keras.Model, precision: str) -> keras.Model:
+    """The same network and weights computing in another precision: float32 for exports, bfloat16 for speed.
+
+    Preprocessing and logits stay float32 whatever the rest does.
+    """
+    config = model.get_config()
+    for layer in config["layers"]:
+        dtype = layer["config"].get("dtype")
+        if isinstance(dtype, dict) and layer["name"] not in ("preprocess", "logits"):
+            dtype["config"]["name"] = POLICIES[precision]
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def build(cfg, input_scale=(1.0, 1.0)) -> keras.Model:

@@ -23,28 +23,17 @@ from keras import ops
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
 from segnet import data, metrics, predict
-from segnet.model import build
+from segnet.model import POLICIES, auto_precision, build
 
 CKPT = "checkpoints"
 
 
 def set_precision(name: str = "auto") -> str:
-    """Set Keras' global dtype policy; auto = bfloat16 on CPUs that run it natively, float16 on recent GPUs.
-
-    Logits and loss stay float32 either way (the model's last layer is float32).
-    """
-    if name == "auto":
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-            name = "float16" if cc >= (7, 0) else "float32"
-        else:
-            flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-            name = "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-    policies = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-    if name not in policies:
+    """Set Keras' global dtype policy (auto: see segnet.model.auto_precision); logits and loss stay float32."""
+    name = auto_precision() if name == "auto" else name
+    if name not in POLICIES:
         raise ValueError(f"trainer.precision={name!r}: use auto, float32, bfloat16 or float16")
-    keras.mixed_precision.set_global_policy(policies[name])
+    keras.mixed_precision.set_global_policy(POLICIES[name])
     return name
 
 

@@ -80,3 +80,27 @@ def test_a_model_trained_on_resized_frames_predicts_native_frames_on_their_own_g
     loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
     assert loaded.get_layer("preprocess").scale == loaded.get_layer("logits").scale == scale
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+
+
+def test_precision_copy_keeps_weights_and_float32_ends():
+    from segnet.model import with_precision
+
+    model = fcn("fcn8", width=1 / 16)
+    fast = with_precision(model, "bfloat16")
+    assert fast.get_layer("block3_conv1").dtype_policy.name == "mixed_bfloat16"
+    assert fast.get_layer("logits").dtype_policy.name == fast.get_layer("preprocess").dtype_policy.name == "float32"
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32")
+    np.testing.assert_allclose(fast.predict_on_batch(x), model.predict_on_batch(x), atol=0.05)
+    back = with_precision(fast, "float32")
+    np.testing.assert_allclose(back.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+
+
+def test_in_model_resize_is_the_antialiased_bilinear_of_tensorflow():
+    import tensorflow as tf
+
+    from segnet.model import resize
+
+    x = np.random.default_rng(0).uniform(0, 255, (1, 75, 124, 3)).astype("float32")
+    for size in [(32, 58), (150, 248)]:  # shrinking (antialiased) and enlarging
+        expected = tf.image.resize(x, size, antialias=True).numpy()
+        np.testing.assert_allclose(resize(tf.constant(x), size).numpy(), expected, atol=1e-3)

@@ -198,7 +198,7 @@ def infer(*args, cwd=None):
     )
 
 
-def test_infer_refuses_bad_inputs_and_never_overwrites(tmp_path):
+def test_infer_refuses_bad_inputs_and_never_overwrites(run, tmp_path):
     frames = tmp_path / "frames"
     frames.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "a.png")
@@ -209,11 +209,11 @@ def test_infer_refuses_bad_inputs_and_never_overwrites(tmp_path):
         ((frames / "a.png", "--out", frames), "the output folder is the input folder"),
     ]
     for args, message in cases:
-        out = infer(*args, cwd=tmp_path)
+        out = infer(*args, "--model", run[1], cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
     (tmp_path / "out" / "a_mask.png").write_bytes(b"an earlier result")
-    out = infer(frames / "a.png", "--out", tmp_path / "out", cwd=tmp_path)
+    out = infer(frames / "a.png", "--out", tmp_path / "out", "--model", run[1], cwd=tmp_path)
     assert out.returncode == 2 and "--overwrite" in out.stderr
     assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"an earlier result"
     assert "Traceback" in infer(tmp_path / "missing.png", "--debug", cwd=tmp_path).stderr

@@ -1,0 +1,102 @@
+"""Export a trained model for deployment: SavedModel, TFLite or ONNX.
+
+    python -m segnet.export outputs/2026-11-25/10-00-00 --format savedmodel
+    python -m segnet.export RUN --format tflite --quantize float16     # or dynamic (int8 weights)
+    python -m segnet.export RUN --format onnx                          # needs pip install -e ".[export]"
+
+Every export takes a uint8 RGB batch of any height and width, named "image", and returns
+"road_probability" (batch, height, width) in [0, 1]: the preprocessing (scale, mean, padding) and the
+softmax are inside, so a consumer feeds camera frames as they are. `infer.py --model` runs any of them.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from segnet import predict
+from segnet.model import with_precision
+
+SUFFIX = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
+SIGNATURE = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")]
+
+
+def serving_function(model: keras.Model):
+    def road_probability(image):
+        logits = model(tf.cast(image, tf.float32), training=False)
+        return {"road_probability": tf.nn.softmax(tf.cast(logits, tf.float32))[..., 1]}
+
+    return road_probability
+
+
+def saved_model(model: keras.Model, fn, out: Path) -> None:
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", fn, input_signature=SIGNATURE)
+    archive.write_out(str(out), verbose=False)
+
+
+def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none") -> Path:
+    if quantize != "none" and fmt != "tflite":
+        raise ValueError(f"--quantize {quantize} applies to tflite only")
+    fn = serving_function(model)
+    if fmt == "savedmodel":
+        saved_model(model, fn, out)
+    elif fmt == "tflite":
+        # Through a SavedModel: converting the Keras 3 model's function directly gave garbage weights.
+        with tempfile.TemporaryDirectory() as tmp:
+            saved_model(model, fn, Path(tmp) / "model")
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "model"))
+            if quantize in ("dynamic", "float16"):
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights, float compute
+                if quantize == "float16":
+                    converter.target_spec.supported_types = [tf.float16]
+            elif quantize != "none":
+                raise ValueError(f"--quantize {quantize}: use none, dynamic or float16")
+            out.write_bytes(converter.convert())
+    elif fmt == "onnx":
+        try:
+            import tf2onnx
+        except ImportError:
+            raise FileNotFoundError("ONNX export needs tf2onnx: pip install -e '.[export]'") from None
+        tf2onnx.convert.from_function(tf.function(fn), input_signature=SIGNATURE, opset=17, output_path=str(out))
+    else:
+        raise ValueError(f"--format {fmt}: use savedmodel, tflite or onnx")
+    return out
+
+
+def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none") -> Path:
+    """Export a run folder's best checkpoint (or a .keras file); default place: <run>/exports/."""
+    path = predict.model_path(model)
+    if path.suffix != ".keras":
+        raise FileNotFoundError(f"{path}: export reads a run folder or a .keras checkpoint")
+    name = "model" + ("" if quantize == "none" else f"-{quantize}") + SUFFIX[fmt]
+    out = Path(out) if out else path.parents[1] / "exports" / name
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or pass another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = with_precision(keras.models.load_model(path, compile=False), "float32")  # what every runtime runs
+    return export(model, fmt, out, quantize)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="run folder or .keras checkpoint")
+    ap.add_argument("--format", required=True, choices=sorted(SUFFIX))
+    ap.add_argument("--quantize", default="none", choices=["none", "dynamic", "float16"], help="TFLite only")
+    ap.add_argument("--out", type=Path, help="default: exports/<format> in the run folder")
+    args = ap.parse_args(argv)
+    try:
+        out = export_run(args.model, args.format, args.out, args.quantize)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.format} model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

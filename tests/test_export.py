@@ -1,0 +1,96 @@
+"""Exports (SavedModel, TFLite, ONNX) give the Keras model's probabilities; infer.py runs every kind."""
+
+import json
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import keras
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from segnet import export, predict
+from segnet.model import fcn, with_precision
+
+SIZES = [(70, 90), (37, 101)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as training leaves it, with a small model trained on resized frames (scale < 1)."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "checkpoints").mkdir()
+    keras.utils.set_random_seed(0)
+    model = fcn("fcn8", width=1 / 16, input_scale=(0.6, 0.55))
+    # An untrained net scores everything near p = 0.5, where any rounding flips the mask; a trained one is
+    # confident. Scaling the class scores gives this one a trained net's range of logits.
+    kernel, bias = model.get_layer("score_fr").get_weights()
+    model.get_layer("score_fr").set_weights([kernel * 30, bias])
+    model.save(run / "checkpoints" / "best.keras")
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"best_thresh": 0.5}))
+    return run
+
+
+def float32_keras(run):
+    """The reference: the checkpoint in float32 (predict.load may pick bfloat16 on this CPU)."""
+    model = keras.models.load_model(run / "checkpoints" / "best.keras", compile=False)
+    return predict.keras_function(with_precision(model, "float32"))
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+@pytest.mark.parametrize("fmt,name", [("savedmodel", "sm"), ("tflite", "m.tflite"), ("onnx", "m.onnx")])
+def test_export_matches_the_keras_model_at_any_size(run, tmp_path, fmt, name):
+    keras_fn = float32_keras(run)
+    exported = predict.load(export.export_run(run, fmt, tmp_path / name))
+    for batch in batches():
+        expected = keras_fn(batch)
+        got = exported(batch)
+        assert got.shape == expected.shape == batch.shape[:3]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["dynamic", "float16"])
+def test_quantised_tflite_agrees_on_the_mask(run, tmp_path, quantize):
+    keras_fn = float32_keras(run)
+    exported = predict.load(export.export_run(run, "tflite", tmp_path / "q.tflite", quantize))
+    for batch in batches():
+        assert np.mean((exported(batch) >= 0.5) == (keras_fn(batch) >= 0.5)) >= 0.99
+
+
+def infer(*args):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True)
+
+
+def test_export_command_and_infer_with_the_export_on_mixed_sizes_and_a_video(run, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "segnet.export", str(run), "--format", "tflite"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    tflite = run / "exports" / "model.tflite"
+    assert tflite.is_file() and str(tflite) in out.stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "segnet.export", str(run), "--format", "tflite"], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, (h, w) in enumerate([*SIZES, SIZES[0]]):
+        Image.fromarray(np.full((h, w, 3), 90 + 40 * i, np.uint8)).save(frames / f"f{i}.png")
+    video = tmp_path / "drive.mp4"
+    with imageio.get_writer(video, fps=5) as writer:
+        for i in range(6):
+            writer.append_data(np.full((64, 96, 3), 30 * i, np.uint8))
+    result = infer(frames, video, "--model", tflite, "--out", tmp_path / "out", "--write", "mask,overlay,prob")
+    assert result.returncode == 0, result.stderr
+    for i, (h, w) in enumerate([*SIZES, SIZES[0]]):
+        for kind in ("mask", "overlay", "prob"):
+            assert Image.open(tmp_path / "out" / f"f{i}_{kind}.png").size == (w, h)
+    assert imageio.get_reader(tmp_path / "out" / "drive_overlay.mp4").count_frames() == 6
+    assert "images/s" in result.stdout and "ms/image" in result.stdout
