@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:

@@ -71,6 +71,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
     jit_compile: bool = False
     resume: bool = False  # continue the newest run under outputs/ from its last epoch
+    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker (segnet/distribute.py)
+    scale_lr: bool = False  # multiply lr by the number of replicas (the linear scaling rule)
+    backup: bool = True  # the same command restarted after a kill continues from the last finished epoch
     deterministic: bool = False  # deterministic ops: two runs of one config give identical numbers (slower)
     val_every: int = 1
     log_images: int = 3  # validation panels shown in TensorBoard

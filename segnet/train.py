@@ -22,7 +22,7 @@ import tensorflow as tf
 from keras import ops
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
-from segnet import data, metrics, predict
+from segnet import data, distribute, metrics, predict
 from segnet.model import POLICIES, auto_precision, build
 
 CKPT = "checkpoints"
@@ -55,7 +55,11 @@ class MaskedCrossEntropy(keras.losses.Loss):
         w = ops.cast(valid, "float32")
         if self.class_weights is not None:
             w = w * ops.take(ops.convert_to_tensor(self.class_weights, "float32"), safe)
-        return ops.sum(ce * w) / ops.maximum(ops.sum(w), 1.0)
+        # One value per image whose batch mean is sum(ce * w) / sum(w): Keras averages per-image losses,
+        # also across replicas, so a single scalar would be counted once per replica.
+        per_image = ops.sum(ce * w, axis=(1, 2))
+        mean_weight = ops.maximum(ops.sum(w), 1.0) / ops.cast(ops.shape(w)[0], "float32")
+        return per_image / mean_weight
 
 
 class RoadMetric(keras.metrics.Metric):
@@ -171,7 +175,8 @@ class Epoch(keras.callbacks.Callback):
                 save_atomic(self.run_dir / CKPT / "best.json", lambda p: p.write_text(json.dumps(info, indent=1)))
         weights = f"last-e{done:04d}.weights.h5"
         save_atomic(self.run_dir / CKPT / weights, self.model.save_weights)
-        self.state.update(epoch=done, weights=weights, rng=[v.numpy().tolist() for v in seed_states(self.model)])
+        rng = [v.numpy().tolist() for v in seed_states(self.model)]
+        self.state.update(epoch=done, weights=weights, loss=float(logs.get("loss", np.nan)), rng=rng)
         save_atomic(self.run_dir / CKPT / "state.json", lambda p: p.write_text(json.dumps(self.state, indent=1)))
         for old in (self.run_dir / CKPT).glob("last-e*.weights.h5"):
             if old.name != weights:
@@ -212,13 +217,13 @@ def previous_run(outputs: str, current: Path) -> Path | None:
     return max(runs, key=lambda r: (r / CKPT / "state.json").stat().st_mtime, default=None)
 
 
-def compiled_model(cfg, steps_per_epoch: int) -> keras.Model:
+def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
     t = cfg.trainer
     model = build(cfg.model)
     total = max(1, t.epochs * steps_per_epoch)
     warmup = min(total - 1, round(t.warmup_epochs * steps_per_epoch))
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total - warmup), warmup_target=t.lr, warmup_steps=warmup
+        0.0, decay_steps=max(1, total - warmup), warmup_target=lr or t.lr, warmup_steps=warmup
     )
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
     # Decay the convolution kernels only: shrinking biases and batch-norm scales only hurts.
@@ -246,21 +251,32 @@ def train(cfg, run_dir: Path) -> dict:
     x, y, scale = data.training_set(train_s, cfg.dataset)
     val = data.load(val_s)
     t = cfg.trainer
-    steps = t.steps_per_epoch or max(1, len(x) // t.batch_size)
+    strategy = distribute.make_strategy(t.strategy)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = t.batch_size * replicas  # trainer.batch_size is per replica
+    steps = t.steps_per_epoch or max(1, len(x) // global_batch)
+    lr = t.lr * replicas if t.scale_lr else t.lr  # the linear scaling rule, when asked for
+    if distribute.workers(strategy) > 1:
+        raise NotImplementedError(
+            "training on several workers: Keras 3's fit fails under MultiWorkerMirroredStrategy "
+            "(https://github.com/tensorflow/tensorflow/issues/72388); use trainer.strategy=mirrored on one machine"
+        )
     print(
         f"data: {len(train_s)} training, {len(val_s)} validation images from {root} | "
         f"model: {cfg.model.name} width {cfg.model.width}, predicts at scale {scale[0]:.3g} x {scale[1]:.3g} | "
-        f"precision: {precision}"
+        f"precision: {precision} | {replicas} replica(s), batch {global_batch}"
     )
 
-    model = compiled_model(cfg, steps)
+    with strategy.scope():
+        model = compiled_model(cfg, steps, lr)
     state = {}
     if t.resume:
         prev = previous_run(cfg.outputs, run_dir)
         if prev is None:
             raise FileNotFoundError(f"trainer.resume=true but no run under {cfg.outputs}/ has a checkpoint")
         state = json.loads((prev / CKPT / "state.json").read_text())
-        model.optimizer.build(model.trainable_variables)
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
         model.load_weights(prev / CKPT / state["weights"])
         for v, value in zip(seed_states(model), state.get("rng", []), strict=False):
             v.assign(np.asarray(value, v.dtype))
@@ -269,18 +285,28 @@ def train(cfg, run_dir: Path) -> dict:
             if (prev / CKPT / name).exists():
                 shutil.copy2(prev / CKPT / name, run_dir / CKPT / name)
         print(f"resumed from {prev} after epoch {state['epoch']}")
-    # Skipping the batches already trained on puts the data order and augmentation exactly where an
-    # uninterrupted run would be.
-    dataset = data.train_dataset(x, y, cfg.dataset, t.batch_size, cfg.seed).skip(state.get("epoch", 0) * steps)
+    done = state.get("epoch", 0)
+
+    # Batches of the global size, which Keras splits over the replicas. Skipping the batches already trained
+    # on puts data order and augmentation where an uninterrupted run would be.
+    dataset = data.train_dataset(x, y, cfg.dataset, global_batch, cfg.seed).skip(done * steps)
+    callbacks = [StopOnNonFiniteLoss(state)]
+    if t.backup and not t.resume:
+        # The same command, started again after a kill or a preemption, continues from the last epoch.
+        backup = distribute.backup_dir(cfg)
+        if (backup / "training_metadata.json").exists():
+            print(f"continuing an interrupted run of this config from its backup in {backup}")
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True))
     # The network trains on train_size frames; its twin takes native frames, resizes them the same way and
     # scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
     inference_model = build(cfg.model, input_scale=scale)
+    callbacks.append(Epoch(run_dir, val, inference_model, cfg, state))
     model.fit(
         dataset,
         epochs=t.epochs,
-        initial_epoch=state.get("epoch", 0),
+        initial_epoch=done,
         steps_per_epoch=steps,
-        callbacks=[StopOnNonFiniteLoss(state), Epoch(run_dir, val, inference_model, cfg, state)],
+        callbacks=callbacks,
         shuffle=False,  # the dataset shuffles itself, reproducibly from the seed
         verbose=2 if os.environ.get("CI") else 1,
     )
