@@ -244,23 +244,23 @@ def train(cfg, run_dir: Path) -> dict:
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
     precision = set_precision(cfg.trainer.precision)
+    t = cfg.trainer
+    strategy = distribute.make_strategy(t.strategy)
+    if distribute.workers(strategy) > 1:
+        raise NotImplementedError(
+            "training on several workers: Keras 3's fit fails under MultiWorkerMirroredStrategy "
+            "(https://github.com/tensorflow/tensorflow/issues/72388); use trainer.strategy=mirrored on one machine"
+        )
 
     root = data.prepare(cfg.dataset)
     samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
     train_s, val_s = data.split_samples(samples, cfg.dataset)
     x, y, scale = data.training_set(train_s, cfg.dataset)
     val = data.load(val_s)
-    t = cfg.trainer
-    strategy = distribute.make_strategy(t.strategy)
     replicas = strategy.num_replicas_in_sync
     global_batch = t.batch_size * replicas  # trainer.batch_size is per replica
     steps = t.steps_per_epoch or max(1, len(x) // global_batch)
     lr = t.lr * replicas if t.scale_lr else t.lr  # the linear scaling rule, when asked for
-    if distribute.workers(strategy) > 1:
-        raise NotImplementedError(
-            "training on several workers: Keras 3's fit fails under MultiWorkerMirroredStrategy "
-            "(https://github.com/tensorflow/tensorflow/issues/72388); use trainer.strategy=mirrored on one machine"
-        )
     print(
         f"data: {len(train_s)} training, {len(val_s)} validation images from {root} | "
         f"model: {cfg.model.name} width {cfg.model.width}, predicts at scale {scale[0]:.3g} x {scale[1]:.3g} | "

@@ -1,7 +1,9 @@
-"""tf.distribute: two CPU replicas train like one device; a killed job restarted continues."""
+"""tf.distribute: two CPU replicas train like one device; a killed job restarted continues; two workers refused."""
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,41 @@ print("LOSSES", json.dumps([one["loss"], two["loss"]]))
     assert "2 replica(s), batch 4" in out
     one, two = json.loads(out.split("LOSSES")[1])
     assert two == pytest.approx(one, rel=0.05)
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_several_workers_are_refused_with_the_reason_not_a_keras_traceback(tmp_path):
+    """Keras 3's fit cannot run MultiWorkerMirroredStrategy over two workers (tensorflow#72388): say so."""
+    workers = [f"localhost:{p}" for p in free_ports(2)]
+    procs = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
+        }
+        cmd = [
+            sys.executable, str(ROOT / "train.py"), *TINY, "trainer.strategy=multi_worker",
+            f"dataset.root={tmp_path / 'synthetic'}", f"outputs={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / f'w{i}'}",
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 3, err[-2000:]
+        assert "tensorflow/issues/72388" in err and "trainer.strategy=mirrored" in err and "Traceback" not in err
+    assert not (tmp_path / "synthetic").exists()  # refused before any work
 
 
 def test_a_killed_job_started_again_with_the_same_command_continues(tmp_path):
