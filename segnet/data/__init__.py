@@ -69,7 +69,6 @@ def list_samples(root, split: str = "training", categories=CATEGORIES, task: str
                     f"{gt}: ground truth without its image {image_dir / f'{cat}_{idx}.png'}; "
                     "add the image or remove the mask"
                 )
-    if split == "training":
         missing = [s.name for s in samples if s.gt is None]
         if missing:
             raise DatasetError(
