@@ -47,7 +47,7 @@ def evaluate(cfg, out: Path) -> dict:
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
     for s in val:  # one at a time: KITTI frames differ in size, and this keeps memory flat
-        (prob,) = predict.predict(model, [data.read_image(s.image)], e.batch_size)
+        (prob,) = predict.predict(model, [data.read_image(s.image)])
         Image.fromarray(metrics.to_uint8_prob(prob)).save(maps / s.gt.name)
     return metrics.evaluate_folder(maps, gt_dir, calib_dir, e.space, names=[s.gt.name for s in val])
 

@@ -136,6 +136,7 @@ def main(argv=None) -> int:
         seconds, count = seconds + time.perf_counter() - start, count + len(batch_images)
         return probs
 
+    written = [kind for _, ks in outs for kind in ks]
     bar = keras.utils.Progbar(len(images), unit_name="image") if len(images) > 1 else None
     for k in range(0, len(images), CHUNK):
         chunk = images[k : k + CHUNK]
@@ -150,12 +151,10 @@ def main(argv=None) -> int:
             out["kitti"] = out["prob"]
             if args.bev:
                 out = {kind: metrics.to_bev(a, homographies[p]) for kind, a in out.items()}
-            for kind in [kind for _, ks in outs for kind in ks]:
+            for kind in written:
                 Image.fromarray(out[kind]).save(targets[(p, kind)])
             if bar is None:
-                print(
-                    f"{p}: {road.mean():.1%} road -> {', '.join(str(targets[(p, kind)]) for _, ks in outs for kind in ks)}"
-                )
+                print(f"{p}: {road.mean():.1%} road -> {', '.join(str(targets[(p, kind)]) for kind in written)}")
         if bar is not None:
             bar.add(len(chunk))
     if bar is not None:

@@ -85,7 +85,6 @@ class EvalConfig:
     space: str = "perspective"  # perspective | bev (the test server's bird's-eye view; needs calib files)
     pred_dir: str | None = None  # score these 8-bit maps (any method's) instead of running a model
     gt_dir: str | None = None  # null: <dataset.root>/training/gt_image_2
-    batch_size: int = 4
 
 
 @dataclass

@@ -99,11 +99,11 @@ def tflite_function(path: Path):
     return run
 
 
-def predict(model, images: list[np.ndarray], batch_size: int = 4, progress=None) -> list[np.ndarray]:
+def predict(model, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
     """Road probability (float32, HxW) for each uint8 RGB image, each at its own resolution.
 
     `model` is a keras.Model or a function from `load`. Images of one size go through together; the model
-    pads and crops, so any size works. `progress(n)` is called after every batch of n images.
+    pads and crops, so any size works.
     """
     fn = keras_function(model) if isinstance(model, keras.Model) else model
     out = [None] * len(images)
@@ -116,15 +116,13 @@ def predict(model, images: list[np.ndarray], batch_size: int = 4, progress=None)
             probs = fn(np.stack([images[i] for i in chunk]).astype("uint8"))
             for i, p in zip(chunk, probs, strict=True):
                 out[i] = np.asarray(p, "float32")
-            if progress:
-                progress(len(chunk))
     return out
 
 
 def overlay(image: np.ndarray, road: np.ndarray, color=(0, 255, 0), alpha: float = 0.45, uncertain=None) -> np.ndarray:
     """Road tinted over the image; everything else untouched, except an optional `uncertain` mask (amber)."""
     out = image.astype("float32")
-    out[road] = (1 - alpha) * out[road] + alpha * np.asarray(color, "float32")
-    if uncertain is not None:
-        out[uncertain] = (1 - alpha) * out[uncertain] + alpha * np.asarray((255, 176, 0), "float32")
+    for mask, tint in ((road, color), (uncertain, (255, 176, 0))):
+        if mask is not None:
+            out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(tint, "float32")
     return out.round().astype("uint8")
