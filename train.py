@@ -18,6 +18,8 @@ register()
 def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
+    import tensorflow as tf
+
     from segnet.data import DatasetError
     from segnet.train import NonFiniteLoss, train
 
@@ -31,12 +33,27 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (NonFiniteLoss, NotImplementedError) as e:
+    except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except tf.errors.UnavailableError as e:
+        # Another worker of a multi-worker job died (killed, preempted, its machine lost): tf.distribute
+        # aborts the collectives here too, so the whole job stops and can be started again.
+        lines = e.message.strip().splitlines()
+        reason = next((line for line in lines if "aborted by" in line), lines[0])
+        print(
+            f"error: lost contact with another worker ({reason}); finished epochs are saved by the chief; "
+            "start every worker again with the same command to continue",
+            file=sys.stderr,
+        )
+        sys.exit(4)
     except KeyboardInterrupt:
         # Every finished epoch is already on disk (written atomically); only the current one is lost.
-        print(f"\ninterrupted: finished epochs are saved in {run_dir}; rerun with trainer.resume=true", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished epochs are saved in {run_dir}; the same command continues from there "
+            "(trainer.backup), or add trainer.resume=true",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

@@ -93,7 +93,7 @@ def count_flops(model: keras.Model, height: int, width: int) -> float:
 def run(cfg, repeats: int) -> dict:
     from segnet import data
     from segnet.model import build
-    from segnet.train import compiled_model, set_precision
+    from segnet.train import compiled_model, set_precision, train_step
 
     keras.utils.set_random_seed(0)
     precision = set_precision(cfg.trainer.precision)
@@ -113,15 +113,16 @@ def run(cfg, repeats: int) -> dict:
     seconds = median_seconds(lambda: [next(it) for _ in range(batches)], repeats)
     result["pipeline_images_per_s"] = batches * t.batch_size / seconds
 
-    # (c) training steps on one fixed batch: the model's speed, not the pipeline's.
+    # (c) training steps, as train.py makes them, on one fixed batch: the model's speed, not the pipeline's.
     model = compiled_model(cfg, steps_per_epoch=100)
-    xb, yb = next(it)
-    step = median_seconds(lambda: model.train_on_batch(xb, yb), repeats, warmup=2)
+    train = train_step(tf.distribute.get_strategy(), model, t.class_weights, t.jit_compile)
+    batch = iter(tf.data.Dataset.from_tensors(next(it)).repeat())
+    step = median_seconds(lambda: float(train(batch)[0]), repeats, warmup=2)
     result["train_images_per_s"] = t.batch_size / step
     result["train_step_s"] = step
 
     # (d) inference on a full KITTI frame, through the twin that resizes it to the training scale.
-    scale = data.input_scale([frames[0]], cfg.dataset)
+    scale = data.input_scale([KITTI_FRAME], cfg.dataset)
     infer = build(cfg.model, input_scale=scale)
     infer.set_weights(model.get_weights())
     frame = frames[:1].astype("float32")

@@ -1,21 +1,17 @@
-"""Training on several devices with tf.distribute.
+"""Training on several devices and machines with tf.distribute.
 
     trainer.strategy=auto          MirroredStrategy when more than one GPU is visible, else the default
     trainer.strategy=mirrored      all local GPUs (or the logical CPUs the process was given)
     trainer.strategy=one_device    the first GPU, else the CPU
-    trainer.strategy=multi_worker  MultiWorkerMirroredStrategy (cluster from TF_CONFIG, or Slurm's environment);
-                                   refused for more than one worker, see below
+    trainer.strategy=multi_worker  MultiWorkerMirroredStrategy: the cluster from TF_CONFIG, or Slurm's environment
 
-trainer.batch_size is per replica. Several machines: Keras 3's fit fails under MultiWorkerMirroredStrategy
-with more than one worker (it reduces scalar metrics over axis 0 across workers:
-https://github.com/tensorflow/tensorflow/issues/72388), so segnet stops with that message instead of a
-traceback from deep inside Keras.
+trainer.batch_size is per replica. segnet.train drives the strategy itself (strategy.run and explicit
+all-reduces) rather than through Keras' fit, which fails under MultiWorkerMirroredStrategy with more than one
+worker in Keras 3 (it reduces scalar metrics over axis 0 across workers:
+https://github.com/tensorflow/tensorflow/issues/72388).
 """
 
-import hashlib
-import json
 import os
-from pathlib import Path
 
 import tensorflow as tf
 
@@ -26,12 +22,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"trainer.strategy={name!r}: use {', '.join(STRATEGIES)}")
     if name == "multi_worker":
-        resolver = None
-        if "TF_CONFIG" not in os.environ and "SLURM_JOB_ID" in os.environ:
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
-        elif "TF_CONFIG" not in os.environ:
-            raise ValueError("trainer.strategy=multi_worker needs TF_CONFIG (or Slurm) to describe the cluster")
-        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster_resolver())
     gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
@@ -41,16 +32,15 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()  # the default: one device, no wrapping
 
 
-def workers(strategy: tf.distribute.Strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return 1
-    return sum(len(tasks) for kind, tasks in resolver.cluster_spec().as_dict().items() if kind in ("chief", "worker"))
-
-
-def backup_dir(cfg) -> Path:
-    """A folder that depends only on the training config, so the same command finds its interrupted run."""
-    from omegaconf import OmegaConf
-
-    key = hashlib.sha1(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
-    return Path(cfg.outputs) / "backup" / key[:16]
+def cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
+    """The cluster of a multi-worker job: from TF_CONFIG when it is set, else from Slurm's environment."""
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if "SLURM_JOB_ID" in os.environ:
+        slurm = tf.distribute.cluster_resolver.SlurmClusterResolver
+        if tf.config.list_physical_devices("GPU"):
+            return slurm()  # the node's GPUs shared out among its tasks (CUDA_VISIBLE_DEVICES per task)
+        # Without GPUs TensorFlow's resolver asks nvidia-smi and then steps through the GPUs per task, zero
+        # here; a nominal GPU slot per task (and CUDA left alone) gives each task its own port instead.
+        return slurm(gpus_per_node=64, gpus_per_task=1, auto_set_gpu=False)
+    raise ValueError("trainer.strategy=multi_worker needs TF_CONFIG (or a Slurm job) to describe the cluster")

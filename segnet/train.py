@@ -1,15 +1,18 @@
-"""Training: the masked loss, precision policy, validation at native resolution, checkpoints, TensorBoard.
+"""Training: the masked loss, the distributed training step, validation at native resolution, checkpoints,
+resuming, TensorBoard.
 
 A run folder (Hydra's output dir) holds everything about one run:
     .hydra/config.yaml            the composed config
     checkpoints/best.keras        the model with the best validation MaxF (architecture + weights)
     checkpoints/best.json         its validation scores and epoch
     checkpoints/last-eNNNN.weights.h5, checkpoints/state.json
-                                  the last finished epoch with optimizer state, for trainer.resume=true;
-                                  state.json is written last, so it always names a complete weights file
+                                  the last finished epoch with optimizer and random states, for resuming
+                                  (trainer.backup, trainer.resume); state.json is written last, so it
+                                  always names a complete weights file
     logs/train, logs/validation   TensorBoard
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from omegaconf import OmegaConf
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
 from segnet import data, distribute, metrics, predict
@@ -37,59 +41,44 @@ def set_precision(name: str = "auto") -> str:
     return name
 
 
-class MaskedCrossEntropy(keras.losses.Loss):
-    """Softmax cross-entropy averaged over the pixels inside the evaluation area; IGNORE pixels count for nothing."""
+def loss_sums(labels, logits, class_weights=None):
+    """Softmax cross-entropy summed over the pixels inside the evaluation area, and their (weighted) count.
 
-    def __init__(self, class_weights=None, name="masked_cross_entropy"):
-        super().__init__(name=name)
-        # A plain list: Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
-        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
-        if self.class_weights is not None and len(self.class_weights) != 2:
-            raise ValueError(f"trainer.class_weights={class_weights}: give two, [non-road, road]")
-
-    def call(self, labels, logits):
-        labels = ops.cast(labels, "int32")
-        valid = labels != data.IGNORE
-        safe = ops.where(valid, labels, 0)
-        ce = ops.sparse_categorical_crossentropy(safe, ops.cast(logits, "float32"), from_logits=True)
-        w = ops.cast(valid, "float32")
-        if self.class_weights is not None:
-            w = w * ops.take(ops.convert_to_tensor(self.class_weights, "float32"), safe)
-        # One value per image whose batch mean is sum(ce * w) / sum(w): Keras averages per-image losses,
-        # also across replicas, so a single scalar would be counted once per replica.
-        per_image = ops.sum(ce * w, axis=(1, 2))
-        mean_weight = ops.maximum(ops.sum(w), 1.0) / ops.cast(ops.shape(w)[0], "float32")
-        return per_image / mean_weight
+    A batch's loss is the ratio; IGNORE pixels count for nothing. The two are returned apart so that the
+    replicas of a distributed step can all divide by the count of the whole global batch (see train_step).
+    """
+    labels = ops.cast(labels, "int32")
+    valid = labels != data.IGNORE
+    safe = ops.where(valid, labels, 0)
+    ce = ops.sparse_categorical_crossentropy(safe, ops.cast(logits, "float32"), from_logits=True)
+    w = ops.cast(valid, "float32")
+    if class_weights is not None:
+        if len(class_weights) != 2:
+            raise ValueError(f"trainer.class_weights={list(class_weights)}: give two, [non-road, road]")
+        # float(): Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
+        w = w * ops.take(ops.convert_to_tensor([float(c) for c in class_weights], "float32"), safe)
+    return ops.sum(ce * w), ops.sum(w)
 
 
-class RoadMetric(keras.metrics.Metric):
-    """Road IoU, precision, recall or F1 at p > 0.5 over the valid pixels seen so far."""
+def road_counts(labels, logits):
+    """[TP, FP, FN] of road at the argmax (p > 0.5), over the valid pixels."""
+    labels = ops.cast(labels, "int32")
+    valid = labels != data.IGNORE
+    pred = ops.argmax(logits, axis=-1) == 1
+    road = labels == 1
+    count = lambda m: ops.sum(ops.cast(m & valid, "float32"))  # noqa: E731
+    return ops.stack([count(pred & road), count(pred & ~road), count(~pred & road)])
 
-    def __init__(self, kind: str, **kwargs):
-        super().__init__(name=kind, **kwargs)
-        self.kind = kind
-        self.counts = self.add_variable(shape=(3,), initializer="zeros", name="tp_fp_fn")
 
-    def update_state(self, labels, logits, sample_weight=None):
-        labels = ops.cast(labels, "int32")
-        valid = labels != data.IGNORE
-        pred = ops.argmax(logits, axis=-1) == 1
-        road = labels == 1
-        count = lambda m: ops.sum(ops.cast(m & valid, "float32"))  # noqa: E731
-        self.counts.assign_add(ops.stack([count(pred & road), count(pred & ~road), count(~pred & road)]))
-
-    def result(self):
-        tp, fp, fn = self.counts[0], self.counts[1], self.counts[2]
-        ratio = lambda a, b: a / ops.maximum(b, 1.0)  # noqa: E731
-        return {
-            "road_iou": lambda: ratio(tp, tp + fp + fn),
-            "precision": lambda: ratio(tp, tp + fp),
-            "recall": lambda: ratio(tp, tp + fn),
-            "f1": lambda: ratio(2 * tp, 2 * tp + fp + fn),
-        }[self.kind]()
-
-    def reset_state(self):
-        self.counts.assign(ops.zeros((3,)))
+def road_scores(counts) -> dict[str, float]:
+    tp, fp, fn = (float(c) for c in counts)
+    ratio = lambda a, b: a / max(b, 1.0)  # noqa: E731
+    return {
+        "road_iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.ndarray], metrics.Counts]:
@@ -134,32 +123,30 @@ def save_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-class Epoch(keras.callbacks.Callback):
-    """Per epoch: validate, log to TensorBoard, keep the best and the last checkpoint."""
+class Records:
+    """What the chief writes after each epoch: TensorBoard logs, validation scores, the best and the last checkpoint."""
 
-    def __init__(self, run_dir: Path, val, inference_model, cfg, state: dict):
-        super().__init__()
-        self.run_dir, self.cfg, self.state = run_dir, cfg, state
+    def __init__(self, run_dir: Path, model, val, inference_model, cfg, state: dict):
+        self.run_dir, self.model, self.cfg, self.state = run_dir, model, cfg, state
         self.val_images, self.val_labels = val
         self.inference_model = inference_model
         self.writers = {k: tf.summary.create_file_writer(str(run_dir / "logs" / k)) for k in ("train", "validation")}
         (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        done = epoch + 1
+    def epoch_end(self, done: int, logs: dict) -> dict:
+        """Log, validate and checkpoint the epoch just finished; return the validation scores."""
         lr = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
         with self.writers["train"].as_default(step=done):
             for k, v in logs.items():
                 tf.summary.scalar(k, v)
             tf.summary.scalar("learning_rate", lr)
         self.writers["train"].flush()
+        scores = {}
         if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
             self.inference_model.set_weights(self.model.get_weights())
             scores, probs, counts = validate(
                 self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
             )
-            logs.update({f"val_{k}": v for k, v in scores.items()})
             with self.writers["validation"].as_default(step=done):
                 for k, v in scores.items():
                     tf.summary.scalar(k, v)
@@ -176,11 +163,15 @@ class Epoch(keras.callbacks.Callback):
         weights = f"last-e{done:04d}.weights.h5"
         save_atomic(self.run_dir / CKPT / weights, self.model.save_weights)
         rng = [v.numpy().tolist() for v in seed_states(self.model)]
-        self.state.update(epoch=done, weights=weights, loss=float(logs.get("loss", np.nan)), rng=rng)
-        save_atomic(self.run_dir / CKPT / "state.json", lambda p: p.write_text(json.dumps(self.state, indent=1)))
+        self.state.update(epoch=done, weights=weights, loss=logs["loss"], rng=rng)
+        self.save_state()
         for old in (self.run_dir / CKPT).glob("last-e*.weights.h5"):
             if old.name != weights:
                 old.unlink()
+        return scores
+
+    def save_state(self) -> None:
+        save_atomic(self.run_dir / CKPT / "state.json", lambda p: p.write_text(json.dumps(self.state, indent=1)))
 
 
 def seed_states(model) -> list:
@@ -192,32 +183,35 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stop at the first NaN or Inf loss, before the epoch's end would checkpoint the broken weights."""
-
-    def __init__(self, state: dict):
-        super().__init__()
-        self.state = state  # shared with Epoch: the last finished epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(float(loss)):
-            done = self.state.get("epoch", 0)
-            kept = f"epochs 1-{done} are saved (trainer.resume=true continues)" if done else "no epoch had finished"
-            raise NonFiniteLoss(
-                f"the loss became {float(loss)} in epoch {done + 1}, batch {batch + 1}; nothing of this epoch "
-                f"was saved, {kept}. Lower trainer.lr, or try trainer.precision=float32"
-            )
+def check_finite(loss: float, finished: int, batch: int) -> None:
+    """Stop at the first NaN or Inf loss, before the epoch's end could checkpoint the broken weights."""
+    if not np.isfinite(loss):
+        kept = f"epochs 1-{finished} are saved (trainer.resume=true continues)" if finished else "no epoch had finished"
+        raise NonFiniteLoss(
+            f"the loss became {loss} in epoch {finished + 1}, batch {batch + 1}; nothing of this epoch "
+            f"was saved, {kept}. Lower trainer.lr, or try trainer.precision=float32"
+        )
 
 
-def previous_run(outputs: str, current: Path) -> Path | None:
-    """The newest run under outputs/ other than this one that finished at least one epoch."""
+def config_key(cfg) -> str:
+    """Names a training config, so that the same command started again finds its interrupted run."""
+    return hashlib.sha1(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
+
+
+def read_state(run: Path) -> dict:
+    return json.loads((run / CKPT / "state.json").read_text())
+
+
+def previous_run(outputs: str, key: str | None = None) -> Path | None:
+    """The newest run under outputs/ that finished at least one epoch (of the config named `key`)."""
     runs = [p.parents[1] for p in Path(outputs).glob(f"**/{CKPT}/state.json")]
-    runs = [r for r in runs if r.resolve() != current.resolve()]
+    if key is not None:
+        runs = [r for r in runs if read_state(r).get("config") == key]
     return max(runs, key=lambda r: (r / CKPT / "state.json").stat().st_mtime, default=None)
 
 
 def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
+    """The model with its optimizer (AdamW, warm-up then cosine decay), as train_step and save_weights use it."""
     t = cfg.trainer
     model = build(cfg.model)
     total = max(1, t.epochs * steps_per_epoch)
@@ -228,17 +222,78 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
     # Decay the convolution kernels only: shrinking biases and batch-norm scales only hurts.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    model.compile(
-        optimizer=optimizer,
-        loss=MaskedCrossEntropy(t.class_weights),
-        metrics=[RoadMetric(k) for k in ("road_iou", "precision", "recall", "f1")],
-        jit_compile=t.jit_compile,
-    )
+    # compile() makes the optimizer part of the model's weights (for resuming) and, under float16, wraps it
+    # for loss scaling; the loss and the step are ours (train_step).
+    model.compile(optimizer=optimizer)
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
+def train_step(strategy, model, class_weights=None, jit_compile: bool = False):
+    """A function that makes one optimizer step on the next batch of a distributed iterator.
+
+    It returns the batch's loss and road [TP, FP, FN]. Every replica divides its summed loss by the valid
+    pixels of the whole global batch (an all-reduce), so the gradients the optimizer sums over replicas and
+    workers are those of one pixel mean: the same step on one device or split over several machines.
+    """
+    optimizer = model.optimizer
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            ce, n = loss_sums(y, logits, class_weights)
+            loss = ce / ops.maximum(tf.distribute.get_replica_context().all_reduce("SUM", n), 1.0)
+            scaled = optimizer.scale_loss(loss)  # float16 loss scaling; the loss itself otherwise
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss, road_counts(y, logits)
+
+    @tf.function(jit_compile=jit_compile)
+    def on_batch(batch):
+        loss, counts = strategy.run(replica_step, args=batch)
+        return strategy.reduce("SUM", loss, axis=None), strategy.reduce("SUM", counts, axis=None)
+
+    @tf.function  # reading the iterator stays outside XLA, which has no kernel for it
+    def step(iterator):
+        return on_batch(next(iterator))
+
+    return step
+
+
+def worker_input(samples, cfg, global_batch: int, skip_steps: int):
+    """The input function for strategy.distribute_datasets_from_function, called once on each worker.
+
+    Each worker reads its own share of the frames and augments it with its own seed (the seed plus its
+    index), and every replica gets batches of trainer.batch_size. Skipping the steps already trained puts data
+    order and augmentation where an uninterrupted run would be.
+    """
+
+    def per_worker(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        x, y = data.training_set(samples[ctx.input_pipeline_id :: ctx.num_input_pipelines], cfg.dataset)
+        seed = cfg.seed + ctx.input_pipeline_id
+        ds = data.train_dataset(x, y, cfg.dataset, ctx.get_per_replica_batch_size(global_batch), seed)
+        return ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+
+    return per_worker
+
+
+def same_everywhere(strategy, value: int) -> bool:
+    """Whether every worker holds this value (a cross-worker all-reduce; trivially true on one machine)."""
+    mine = tf.constant(float(value))
+
+    @tf.function
+    def total():
+        return strategy.reduce("SUM", strategy.run(tf.identity, args=(mine,)), axis=None)
+
+    return float(total()) == value * strategy.num_replicas_in_sync
+
+
 def train(cfg, run_dir: Path) -> dict:
-    """Train per the config, writing into run_dir; return the final state (epoch, best MaxF, ...)."""
+    """Train per the config, writing into run_dir; return the final state (epoch, best MaxF, ...).
+
+    On several workers (MultiWorkerMirroredStrategy) every worker runs this; only the chief validates and
+    writes, the others write nothing.
+    """
     start = time.time()
     keras.utils.set_random_seed(cfg.seed)
     if cfg.trainer.deterministic:
@@ -246,20 +301,15 @@ def train(cfg, run_dir: Path) -> dict:
     precision = set_precision(cfg.trainer.precision)
     t = cfg.trainer
     strategy = distribute.make_strategy(t.strategy)
-    if distribute.workers(strategy) > 1:
-        raise NotImplementedError(
-            "training on several workers: Keras 3's fit fails under MultiWorkerMirroredStrategy "
-            "(https://github.com/tensorflow/tensorflow/issues/72388); use trainer.strategy=mirrored on one machine"
-        )
+    chief = strategy.extended.should_checkpoint
 
     root = data.prepare(cfg.dataset)
     samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
     train_s, val_s = data.split_samples(samples, cfg.dataset)
-    x, y, scale = data.training_set(train_s, cfg.dataset)
-    val = data.load(val_s)
+    scale = data.input_scale([data.image_size(s.image) for s in train_s], cfg.dataset)
     replicas = strategy.num_replicas_in_sync
     global_batch = t.batch_size * replicas  # trainer.batch_size is per replica
-    steps = t.steps_per_epoch or max(1, len(x) // global_batch)
+    steps = t.steps_per_epoch or max(1, len(train_s) // global_batch)
     lr = t.lr * replicas if t.scale_lr else t.lr  # the linear scaling rule, when asked for
     print(
         f"data: {len(train_s)} training, {len(val_s)} validation images from {root} | "
@@ -269,50 +319,62 @@ def train(cfg, run_dir: Path) -> dict:
 
     with strategy.scope():
         model = compiled_model(cfg, steps, lr)
-    state = {}
-    if t.resume:
-        prev = previous_run(cfg.outputs, run_dir)
+    state = {"config": config_key(cfg)}
+    prev = None
+    if t.resume:  # the newest run, whatever its config
+        prev = previous_run(cfg.outputs)
         if prev is None:
             raise FileNotFoundError(f"trainer.resume=true but no run under {cfg.outputs}/ has a checkpoint")
-        state = json.loads((prev / CKPT / "state.json").read_text())
-        with strategy.scope():
-            model.optimizer.build(model.trainable_variables)
+    elif t.backup:  # the same command, started again after a kill or a preemption, continues its run
+        prev = previous_run(cfg.outputs, state["config"])
+        if prev is not None and read_state(prev).get("finished"):
+            prev = None
+    if prev is not None:
+        state = {**read_state(prev), "config": state["config"], "finished": False}
         model.load_weights(prev / CKPT / state["weights"])
         for v, value in zip(seed_states(model), state.get("rng", []), strict=False):
             v.assign(np.asarray(value, v.dtype))
-        (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
-        for name in ("best.keras", "best.json"):  # this run's folder holds the best so far too
-            if (prev / CKPT / name).exists():
-                shutil.copy2(prev / CKPT / name, run_dir / CKPT / name)
-        print(f"resumed from {prev} after epoch {state['epoch']}")
+        if chief and prev.resolve() != run_dir.resolve():  # a fixed hydra.run.dir continues in place
+            (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
+            for name in ("best.keras", "best.json"):  # this run's folder holds the best so far too
+                if (prev / CKPT / name).exists():
+                    shutil.copy2(prev / CKPT / name, run_dir / CKPT / name)
+        how = "resumed from" if t.resume else "continuing an interrupted run of this config from"
+        print(f"{how} {prev} after epoch {state['epoch']}")
     done = state.get("epoch", 0)
+    if not same_everywhere(strategy, done):
+        raise FileNotFoundError(
+            f"the workers would resume from different epochs (this one: {done}); put outputs={cfg.outputs} "
+            "on a filesystem that every worker sees"
+        )
 
-    # Batches of the global size, which Keras splits over the replicas. Skipping the batches already trained
-    # on puts data order and augmentation where an uninterrupted run would be.
-    dataset = data.train_dataset(x, y, cfg.dataset, global_batch, cfg.seed).skip(done * steps)
-    callbacks = [StopOnNonFiniteLoss(state)]
-    if t.backup and not t.resume:
-        # The same command, started again after a kill or a preemption, continues from the last epoch.
-        backup = distribute.backup_dir(cfg)
-        if (backup / "training_metadata.json").exists():
-            print(f"continuing an interrupted run of this config from its backup in {backup}")
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True))
-    # The network trains on train_size frames; its twin takes native frames, resizes them the same way and
-    # scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
-    inference_model = build(cfg.model, input_scale=scale)
-    callbacks.append(Epoch(run_dir, val, inference_model, cfg, state))
-    model.fit(
-        dataset,
-        epochs=t.epochs,
-        initial_epoch=done,
-        steps_per_epoch=steps,
-        callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself, reproducibly from the seed
-        verbose=2 if os.environ.get("CI") else 1,
-    )
+    batches = iter(strategy.distribute_datasets_from_function(worker_input(train_s, cfg, global_batch, done * steps)))
+    step = train_step(strategy, model, t.class_weights, t.jit_compile)
+    if chief:
+        # The network trains on train_size frames; its twin takes native frames, resizes them the same way
+        # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
+        records = Records(run_dir, model, data.load(val_s), build(cfg.model, input_scale=scale), cfg, state)
+    verbose = 2 if os.environ.get("CI") else 1
+    for epoch in range(done, t.epochs):
+        print(f"Epoch {epoch + 1}/{t.epochs}")
+        bar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=["loss"])
+        total, counts = 0.0, np.zeros(3)
+        for b in range(steps):
+            loss, c = step(batches)
+            check_finite(float(loss), epoch, b)
+            total += float(loss)
+            counts += c.numpy()
+            bar.update(b + 1, [("loss", total / (b + 1))])
+        logs = {"loss": total / steps, **road_scores(counts)}
+        scores = records.epoch_end(epoch + 1, logs) if chief else {}
+        print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **{f"val_{k}": v for k, v in scores.items()}}.items()))
+        state["epoch"] = epoch + 1
     minutes = (time.time() - start) / 60
-    best = state.get("best", float("nan"))
-    print(
-        f"done in {minutes:.1f} min: best val MaxF {best:.4f} at epoch {state.get('best_epoch', '-')} | run: {run_dir}"
-    )
+    if chief:
+        state["finished"] = True  # the same command, started again, now trains a new run
+        records.save_state()
+        best, at = state.get("best", float("nan")), state.get("best_epoch", "-")
+        print(f"done in {minutes:.1f} min: best val MaxF {best:.4f} at epoch {at} | run: {run_dir}")
+    else:
+        print(f"done in {minutes:.1f} min; this worker writes nothing, the chief writes the run")
     return {**state, "minutes": minutes}

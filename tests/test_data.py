@@ -138,11 +138,11 @@ def test_train_dataset_is_deterministic_from_the_seed():
 
 
 def test_input_scale_follows_the_training_resize():
-    images = [np.zeros((375, 1242, 3), np.uint8), np.zeros((370, 1226, 3), np.uint8)]
-    sy, sx = data.input_scale(images, DatasetConfig(train_size=[160, 576]))
+    sizes = [(375, 1242), (370, 1226)]
+    sy, sx = data.input_scale(sizes, DatasetConfig(train_size=[160, 576]))
     assert sy == pytest.approx((160 / 375 + 160 / 370) / 2, abs=1e-6)
     assert sx == pytest.approx((576 / 1242 + 576 / 1226) / 2, abs=1e-6)
-    assert data.input_scale(images, DatasetConfig(train_mode="crop")) == (1.0, 1.0)
+    assert data.input_scale(sizes, DatasetConfig(train_mode="crop")) == (1.0, 1.0)
 
 
 def test_grey_rgba_and_16_bit_images_are_converted(tmp_path):
@@ -198,9 +198,9 @@ def test_disk_cache_gives_the_same_batches_and_is_reused_until_the_data_change(t
     samples = data.list_samples(tmp_path)
     memory = DatasetConfig(train_size=[16, 24], cache="memory")
     disk = DatasetConfig(train_size=[16, 24], cache="disk", cache_dir=str(tmp_path / "cache"))
-    xm, ym, scale_m = data.training_set(samples, memory)
-    xd, yd, scale_d = data.training_set(samples, disk)
-    assert isinstance(xd, np.memmap) and scale_d == scale_m
+    xm, ym = data.training_set(samples, memory)
+    xd, yd = data.training_set(samples, disk)
+    assert isinstance(xd, np.memmap)
     np.testing.assert_array_equal(xd, xm)
     a = next(iter(data.train_dataset(xm, ym, memory, 2, seed=3)))
     b = next(iter(data.train_dataset(xd, yd, disk, 2, seed=3)))

@@ -1,4 +1,4 @@
-"""tf.distribute: two CPU replicas train like one device; a killed job restarted continues; two workers refused."""
+"""tf.distribute: two CPU replicas train like one device; two worker processes train together; a killed job\nstarted again with the same command continues."""
 
 import json
 import os
@@ -8,8 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from conftest import ROOT, TINY
+import tensorflow as tf
+from conftest import ROOT, TINY, compose
+
+from segnet import data
+from segnet.train import worker_input
 
 ONE_EPOCH = [*TINY, "trainer.epochs=1", "trainer.deterministic=true"]
 
@@ -42,6 +47,26 @@ print("LOSSES", json.dumps([one["loss"], two["loss"]]))
     assert two == pytest.approx(one, rel=0.05)
 
 
+def test_each_worker_reads_its_own_share_of_the_frames_reproducibly(tmp_path):
+    cfg = compose([*TINY, f"dataset.root={tmp_path / 'synthetic'}"])
+    train_s, _ = data.split_samples(data.list_samples(data.prepare(cfg.dataset)), cfg.dataset)
+    _, labels = data.training_set(train_s, cfg.dataset)
+    input_fn = worker_input(train_s, cfg, global_batch=4, skip_steps=0)
+
+    def batches(worker):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
+        return [(x.numpy(), y.numpy()) for x, y in input_fn(ctx).take(12)]
+
+    def frames_seen(worker):  # which training frames a worker's (possibly flipped) labels come from
+        seen = [lb for _, y in batches(worker) for lb in y]
+        return {next(i for i, t in enumerate(labels) if (lb == t).all() or (lb == t[:, ::-1]).all()) for lb in seen}
+
+    assert batches(0)[0][0].shape[0] == 2  # trainer.batch_size per replica: the global 4 over two replicas
+    first, second = frames_seen(0), frames_seen(1)
+    assert first.isdisjoint(second) and first | second == set(range(len(train_s)))
+    np.testing.assert_array_equal(batches(1)[0][0], batches(1)[0][0])  # seeded: the same batches every time
+
+
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -52,29 +77,61 @@ def free_ports(n):
     return ports
 
 
-def test_several_workers_are_refused_with_the_reason_not_a_keras_traceback(tmp_path):
-    """Keras 3's fit cannot run MultiWorkerMirroredStrategy over two workers (tensorflow#72388): say so."""
-    workers = [f"localhost:{p}" for p in free_ports(2)]
+def start_workers(tmp_path, workers, *extra):
+    """One train.py process per worker of a TF_CONFIG cluster on localhost, sharing outputs/ as on a cluster."""
     procs = []
-    for i in range(2):
-        env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
-        }
+    for i in range(len(workers)):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
         cmd = [
-            sys.executable, str(ROOT / "train.py"), *TINY, "trainer.strategy=multi_worker",
-            f"dataset.root={tmp_path / 'synthetic'}", f"outputs={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / f'w{i}'}",
+            sys.executable, str(ROOT / "train.py"), *TINY, "trainer.strategy=multi_worker", *extra,
+            f"dataset.root={tmp_path / 'synthetic'}", f"outputs={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'out' / f'w{i}'}",
         ]  # fmt: skip
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs, timeout=300):
     try:
-        results = [p.communicate(timeout=300) for p in procs]
+        return [p.communicate(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 3, err[-2000:]
-        assert "tensorflow/issues/72388" in err and "trainer.strategy=mirrored" in err and "Traceback" not in err
-    assert not (tmp_path / "synthetic").exists()  # refused before any work
+            p.wait()
+
+
+@pytest.mark.slow
+def test_two_workers_train_only_the_chief_writes_and_a_killed_job_continues(tmp_path):
+    """MultiWorkerMirroredStrategy over two processes on localhost ports, killed mid-run and started again."""
+    workers = [f"localhost:{p}" for p in free_ports(2)]
+    extra = ["trainer.epochs=6", "trainer.steps_per_epoch=3"]
+    run = [tmp_path / "out" / f"w{i}" for i in range(2)]
+    state = run[0] / "checkpoints" / "state.json"
+    procs = start_workers(tmp_path, workers, *extra)
+    try:
+        deadline = time.time() + 300
+        while not state.exists():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)  # one machine lost: the chief must stop too, not hang
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        finish(procs)
+    assert procs[0].returncode == 4 and "lost contact with another worker" in err and "same command" in err
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert killed_at < 6
+
+    results = finish(start_workers(tmp_path, workers, *extra))  # the same command again
+    for out, err in results:
+        assert "Epoch 6/6" in out, err[-3000:]
+        assert f"continuing an interrupted run of this config from {run[0]} after epoch {killed_at}" in out
+        assert "Epoch 1/6" not in out
+        assert f"2 replica(s), batch {2 * 4}" in out  # trainer.batch_size is per replica
+    final = json.loads(state.read_text())
+    assert final["epoch"] == 6 and final["finished"]
+    assert (run[0] / "checkpoints" / "best.keras").is_file() and (run[0] / "logs").is_dir()
+    # The second worker trained every step with the chief but wrote nothing of its own.
+    assert not (run[1] / "checkpoints").exists() and not (run[1] / "logs").exists()
 
 
 def test_a_killed_job_started_again_with_the_same_command_continues(tmp_path):
@@ -96,4 +153,5 @@ def test_a_killed_job_started_again_with_the_same_command_continues(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing an interrupted run" in again.stdout
     assert "Epoch 1/4" not in again.stdout and "Epoch 4/4" in again.stdout
-    assert not list((tmp_path / "out" / "backup").glob("*/*.h5"))  # a finished run removes its backup
+    third = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "Epoch 1/4" in third.stdout  # a finished run is not continued: a new one

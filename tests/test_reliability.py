@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY
 
-from segnet.train import NonFiniteLoss, StopOnNonFiniteLoss
+from segnet.train import NonFiniteLoss, check_finite
 
 DETERMINISTIC = [*TINY, "trainer.deterministic=true", "trainer.epochs=3", "trainer.steps_per_epoch=4"]
 
@@ -91,10 +91,9 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):
-    guard = StopOnNonFiniteLoss({"epoch": 4})
-    guard.on_train_batch_end(0, {"loss": 0.7})  # a finite loss passes
+    check_finite(0.7, finished=4, batch=0)  # a finite loss passes
     with pytest.raises(NonFiniteLoss, match="epoch 5, batch 4.*epochs 1-4 are saved.*trainer.lr"):
-        guard.on_train_batch_end(3, {"loss": float("nan")})
+        check_finite(float("nan"), finished=4, batch=3)
 
     # A NaN class weight makes the very first loss NaN: exit 3, and no broken weights on disk.
     out = subprocess.run(train_cmd(tmp_path, "nan", "trainer.class_weights=[nan,nan]"), capture_output=True, text=True)

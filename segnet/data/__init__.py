@@ -116,7 +116,20 @@ def read_image(path) -> np.ndarray:
                 raise DatasetError(f"{path}: a floating-point image; save it as 8-bit RGB PNG")
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable image ({e}); replace or remove the file") from None
+        raise unreadable(path, e) from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from None
+
+
+def unreadable(path, e) -> DatasetError:
+    return DatasetError(f"{path}: not a readable image ({e}); replace or remove the file")
 
 
 # The benchmark's colour code: road, non-road, outside the evaluation area, road outside it (rare).
@@ -191,8 +204,8 @@ def training_arrays(images, labels, cfg) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Training frames and labels decoded and resized once, and the input scale (see input_scale).
+def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Training frames and labels, decoded and resized once.
 
     cache=memory keeps them in RAM. cache=disk writes them to cache_dir as .npy files that this and later
     runs memory-map; the key covers every file's path, size and mtime and the resize settings, so an edited
@@ -204,32 +217,32 @@ def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray, tu
         files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for s in samples for p in (s.image, s.gt)]
         spec = {"files": files, "mode": cfg.train_mode, "size": list(cfg.train_size)}
         folder = Path(cfg.cache_dir) / hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
-        if not (folder / "scale.json").exists():
-            images, labels = load(samples)
+        if not folder.exists():
+            x, y = training_arrays(*load(samples), cfg)
             tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            x, y = training_arrays(images, labels, cfg)
             np.save(tmp / "x.npy", x)
             np.save(tmp / "y.npy", y)
-            (tmp / "scale.json").write_text(json.dumps(input_scale(images, cfg)))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)  # appears complete or not at all
-        scale = tuple(json.loads((folder / "scale.json").read_text()))
-        return np.load(folder / "x.npy", mmap_mode="r"), np.load(folder / "y.npy", mmap_mode="r"), scale
-    images, labels = load(samples)
-    x, y = training_arrays(images, labels, cfg)
-    return x, y, input_scale(images, cfg)
+            try:
+                os.replace(tmp, folder)  # appears complete or not at all
+            except OSError:  # another process (a second worker) wrote the same cache first
+                shutil.rmtree(tmp)
+        return np.load(folder / "x.npy", mmap_mode="r"), np.load(folder / "y.npy", mmap_mode="r")
+    return training_arrays(*load(samples), cfg)
 
 
-def input_scale(images, cfg) -> tuple[float, float]:
-    """(sy, sx) from native frames to the scale the network trains at: inference resizes by the same factor."""
+def input_scale(sizes, cfg) -> tuple[float, float]:
+    """(sy, sx) from native frames of these (height, width) sizes to the scale the network trains at.
+
+    Inference resizes by the same factor, so a model trained on 160x576 resized KITTI frames takes a full frame.
+    """
     if cfg.train_mode != "resize":
         return (1.0, 1.0)
     h, w = cfg.train_size
     return (
-        round(float(np.mean([h / im.shape[0] for im in images])), 6),
-        round(float(np.mean([w / im.shape[1] for im in images])), 6),
+        round(float(np.mean([h / size[0] for size in sizes])), 6),
+        round(float(np.mean([w / size[1] for size in sizes])), 6),
     )
 
 

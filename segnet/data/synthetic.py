@@ -32,18 +32,21 @@ NONROAD, ROAD, IGNORE = 0, 1, 2  # label codes while drawing
 GT_COLOURS = np.array([(255, 0, 0), (255, 0, 255), (0, 0, 0)], np.uint8)  # indexed by label code
 
 
+def complete(marker: Path, params: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()) == params
+    except (OSError, ValueError):  # no marker, or a torn one: ours, but incomplete
+        return False
+
+
 def generate(root, num_train: int, num_test: int, height: int, width: int, seed: int) -> Path:
     """Write the dataset under root unless a complete one with the same parameters is already there; return root."""
     root = Path(root)
     params = dict(version=VERSION, num_train=num_train, num_test=num_test, height=height, width=width, seed=seed)
     marker = root / "synthetic.json"
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except ValueError:
-            pass  # a torn marker: ours, but incomplete
-    elif (root / "training").exists() or (root / "testing").exists():
+    if complete(marker, params):
+        return root
+    if not marker.exists() and ((root / "training").exists() or (root / "testing").exists()):
         # Without our marker this may be real data: never delete what we did not write.
         raise FileExistsError(
             f"{root} holds a dataset without synthetic.json, so it was not generated here; "
@@ -68,9 +71,13 @@ def generate(root, num_train: int, num_test: int, height: int, width: int, seed:
             (tmp / split / "calib" / f"{cat}_{idx}.txt").write_text(calib_text(s))
     (tmp / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
 
-    if not root.exists():
-        os.replace(tmp, root)  # atomic: the dataset appears complete or not at all
+    try:
+        os.replace(tmp, root)  # atomic: the dataset appears complete or not at all; fails if root is not empty
         return root
+    except OSError:
+        if complete(marker, params):  # another process (a second worker) wrote the same dataset first
+            shutil.rmtree(tmp)
+            return root
     # root exists (perhaps with other files in it): spoil the marker first, so a crash part way through
     # the swap leaves a dataset that is regenerated next time, then move the marker in last.
     marker.write_text('{"incomplete": true}\n')
