@@ -38,9 +38,10 @@ def cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if "SLURM_JOB_ID" in os.environ:
         slurm = tf.distribute.cluster_resolver.SlurmClusterResolver
-        if tf.config.list_physical_devices("GPU"):
-            return slurm()  # the node's GPUs shared out among its tasks (CUDA_VISIBLE_DEVICES per task)
-        # Without GPUs TensorFlow's resolver asks nvidia-smi and then steps through the GPUs per task, zero
-        # here; a nominal GPU slot per task (and CUDA left alone) gives each task its own port instead.
+        # Slurm's count, not TensorFlow's: the resolver must set CUDA_VISIBLE_DEVICES before CUDA starts.
+        if gpus := int(os.environ.get("SLURM_GPUS_ON_NODE") or 0):
+            return slurm(gpus_per_node=gpus)  # the node's GPUs shared out among its tasks
+        # Without GPUs TensorFlow's resolver steps through the GPUs per task, zero here; a nominal GPU
+        # slot per task (and CUDA left alone) gives each task its own port instead.
         return slurm(gpus_per_node=64, gpus_per_task=1, auto_set_gpu=False)
     raise ValueError("trainer.strategy=multi_worker needs TF_CONFIG (or a Slurm job) to describe the cluster")

@@ -295,13 +295,14 @@ def train(cfg, run_dir: Path) -> dict:
     writes, the others write nothing.
     """
     start = time.time()
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.trainer.deterministic:
-        tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
-    precision = set_precision(cfg.trainer.precision)
     t = cfg.trainer
+    # First: a multi-worker strategy must exist before TensorFlow touches a device.
     strategy = distribute.make_strategy(t.strategy)
     chief = strategy.extended.should_checkpoint
+    keras.utils.set_random_seed(cfg.seed)
+    if t.deterministic:
+        tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
+    precision = set_precision(t.precision)
 
     root = data.prepare(cfg.dataset)
     samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
@@ -361,8 +362,8 @@ def train(cfg, run_dir: Path) -> dict:
         total, counts = 0.0, np.zeros(3)
         for b in range(steps):
             loss, c = step(batches)
-            check_finite(float(loss), epoch, b)
-            total += float(loss)
+            check_finite(loss := float(loss), epoch, b)
+            total += loss
             counts += c.numpy()
             bar.update(b + 1, [("loss", total / (b + 1))])
         logs = {"loss": total / steps, **road_scores(counts)}
