@@ -9,17 +9,15 @@ benchmark expects), scores them and prints one table per run; scores.json holds 
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from segnet.config import check_overrides, register  # noqa: E402
+from segnet import errors
+from segnet.config import EvaluateConfig, check_overrides, register
 
 register()
 
@@ -30,8 +28,6 @@ def evaluate(cfg, out: Path) -> dict:
     from segnet import data, metrics, predict
 
     e = cfg.eval
-    if e.space not in ("perspective", "bev"):
-        raise ValueError(f"eval.space={e.space}: use perspective or bev")
     root = data.prepare(cfg.dataset)
     gt_dir = e.gt_dir or root / "training" / "gt_image_2"
     calib_dir = root / "training" / "calib" if e.space == "bev" else None
@@ -42,7 +38,7 @@ def evaluate(cfg, out: Path) -> dict:
     samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
     _, val = data.split_samples(samples, cfg.dataset)
     if not val:
-        raise data.DatasetError(f"the validation split of {root} is empty; set dataset.val_per_category")
+        raise errors.DatasetError(f"the validation split of {root} is empty; set dataset.val_per_category")
     model = predict.load(e.run, cfg.outputs)
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
@@ -54,16 +50,11 @@ def evaluate(cfg, out: Path) -> dict:
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from segnet import data, metrics
+    from segnet import metrics
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with errors.reported(debug=HydraConfig.get().verbose):  # hydra.verbose=true: the full traceback
         results = evaluate(cfg, out)
-    except (data.DatasetError, FileNotFoundError, ValueError) as e:
-        if HydraConfig.get().verbose:  # hydra.verbose=true: the full traceback
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     (out / "scores.json").write_text(json.dumps(results, indent=1))
     print(f"{cfg.eval.space}, in percent (BestThresh in [0, 1]):")
     print(metrics.format_table(results))
@@ -71,6 +62,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if problem := check_overrides(sys.argv[1:]):
+    if problem := check_overrides(sys.argv[1:], EvaluateConfig):
         sys.exit(f"error: {problem}")
     main()

@@ -11,12 +11,11 @@ python infer.py data_road/testing/image_2 --kitti-submission submission/ --bev  
 import argparse
 import glob
 import itertools
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from segnet import errors, runs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -58,11 +57,11 @@ def imageio():
         import imageio.v2 as imageio
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio reads and writes videos with)
     except ImportError:
-        raise FileNotFoundError("videos need imageio and imageio-ffmpeg: pip install -e '.[video]'") from None
+        raise errors.MissingExtra("videos", "video") from None
     return imageio
 
 
-def main(argv=None) -> int:
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="images, videos, folders of them, or globs")
     ap.add_argument("--model", help="run folder, .keras, SavedModel folder, .tflite or .onnx (default: newest run)")
@@ -77,76 +76,78 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written earlier")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
-    kinds = args.write.split(",") if args.write else []
-    if unknown := set(kinds) - set(KINDS):
+    args.kinds = args.write.split(",") if args.write else []
+    if unknown := set(args.kinds) - set(KINDS):
         ap.error(f"--write {args.write}: unknown {sorted(unknown)}, choose from {', '.join(KINDS)}")
+    return args
 
+
+def plan(args, images: list[Path], videos: list[Path]) -> dict:
+    """Every output file, keyed (input, kind); refuses to write into an input folder or over earlier outputs."""
+    folders = {args.out: args.kinds, **({args.kitti_submission: ["kitti"]} if args.kitti_submission else {})}
+    targets = {}
+    for p in images:
+        for folder, kinds in folders.items():
+            for k in kinds:
+                targets[(p, k)] = folder / (kitti_name(p) if k == "kitti" else f"{p.stem}_{k}.png")
+    for p in videos:
+        targets[(p, "video")] = args.out / f"{p.stem}_overlay.mp4"
+    for p in images + videos:
+        if p.parent.resolve() in {folder.resolve() for folder in folders}:
+            raise FileExistsError(f"{p}: the output folder is the input folder; choose another --out")
+    if not args.overwrite and (old := [t for t in targets.values() if t.exists()]):
+        raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite")
+    return targets
+
+
+class Timer:
+    """Predicts and times it; the first call for each image size (it builds the graph) goes before, untimed."""
+
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.seconds, self.count, self.warm = 0.0, 0, set()
+
+    def predict(self, images):
+        from segnet import predict
+
+        for shape, image in {im.shape: im for im in images if im.shape not in self.warm}.items():
+            predict.predict(self.model, [image])
+            self.warm.add(shape)
+        start = time.perf_counter()
+        probs = predict.predict(self.model, images, self.batch_size)
+        self.seconds, self.count = self.seconds + time.perf_counter() - start, self.count + len(images)
+        return probs
+
+    def report(self) -> None:
+        if self.count:
+            print(f"{self.count} images in {self.seconds:.2f} s (warm-up excluded): "
+                  f"{self.count / self.seconds:.2f} images/s, {1000 * self.seconds / self.count:.0f} ms/image")  # fmt: skip
+
+
+def render(image, prob, threshold: float, uncertain: float):
+    """The road mask at the threshold, and the overlay (with the amber band, if asked for)."""
+    from segnet import predict
+
+    road = prob >= threshold
+    band = abs(prob - threshold) < uncertain if uncertain else None
+    return road, predict.overlay(image, road, uncertain=band)
+
+
+def predict_images(args, images, targets, timer, threshold, homographies) -> None:
+    """Chunk by chunk: read, predict, write every asked-for output; a bad image stops with what is written kept."""
     import keras
     import numpy as np
     from PIL import Image
 
-    from segnet import data, metrics, predict
+    from segnet import data, metrics
 
-    try:
-        paths = collect(args.inputs)
-        videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
-        images = [p for p in paths if p not in videos]
-        outs = [(args.out, kinds)] + ([(args.kitti_submission, ["kitti"])] if args.kitti_submission else [])
-        targets = {}
-        for p in images:
-            for folder, ks in outs:
-                for k in ks:
-                    targets[(p, k)] = folder / (kitti_name(p) if k == "kitti" else f"{p.stem}_{k}.png")
-        for p in videos:
-            targets[(p, "video")] = args.out / f"{p.stem}_overlay.mp4"
-        for p in paths:
-            if p.parent.resolve() in {folder.resolve() for folder, _ in outs}:
-                raise FileExistsError(f"{p}: the output folder is the input folder; choose another --out")
-        if not args.overwrite and (old := [t for t in targets.values() if t.exists()]):
-            raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite")
-        video_io = imageio() if videos else None
-        homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
-        path = predict.model_path(args.model)
-        model = predict.load(path)
-        threshold = args.threshold if args.threshold is not None else predict.best_threshold(path) or 0.5
-    except (data.DatasetError, FileNotFoundError, FileExistsError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for folder, _ in outs:
-        folder.mkdir(parents=True, exist_ok=True)
-    print(f"model {path}, threshold {threshold:.3f}")
-
-    def render(image, prob):
-        road = prob >= threshold
-        band = np.abs(prob - threshold) < args.uncertain if args.uncertain else None
-        return road, predict.overlay(image, road, uncertain=band)
-
-    seconds, count, warm = 0.0, 0, set()
-
-    def timed_predict(batch_images):
-        """Predict and time it; the first call for each image size (it builds the graph) goes before, untimed."""
-        nonlocal seconds, count
-        for shape, image in {im.shape: im for im in batch_images if im.shape not in warm}.items():
-            predict.predict(model, [image])
-            warm.add(shape)
-        start = time.perf_counter()
-        probs = predict.predict(model, batch_images, args.batch_size)
-        seconds, count = seconds + time.perf_counter() - start, count + len(batch_images)
-        return probs
-
-    written = [kind for _, ks in outs for kind in ks]
+    written = args.kinds + (["kitti"] if args.kitti_submission else [])
     bar = keras.utils.Progbar(len(images), unit_name="image") if len(images) > 1 else None
     for k in range(0, len(images), CHUNK):
         chunk = images[k : k + CHUNK]
-        try:
-            arrays = [data.read_image(p) for p in chunk]
-        except data.DatasetError as e:
-            print(f"\nerror: {e}", file=sys.stderr)  # the outputs written so far stay
-            return 2
-        for p, image, prob in zip(chunk, arrays, timed_predict(arrays), strict=True):
-            road, over = render(image, prob)
+        arrays = [data.read_image(p) for p in chunk]
+        for p, image, prob in zip(chunk, arrays, timer.predict(arrays), strict=True):
+            road, over = render(image, prob, threshold, args.uncertain)
             out = {"mask": (road * 255).astype(np.uint8), "overlay": over, "prob": metrics.to_uint8_prob(prob)}
             out["kitti"] = out["prob"]
             if args.bev:
@@ -160,6 +161,12 @@ def main(argv=None) -> int:
     if bar is not None:
         print(f"{len(images)} images -> {args.out}")
 
+
+def predict_videos(videos, targets, timer, threshold, uncertain, video_io) -> None:
+    """Each video into an overlay video, CHUNK frames at a time."""
+    import keras
+    import numpy as np
+
     for video in videos:
         reader = video_io.get_reader(video)
         writer = video_io.get_writer(targets[(video, "video")], fps=reader.get_meta_data().get("fps", 25))
@@ -167,14 +174,33 @@ def main(argv=None) -> int:
         with reader, writer:
             frames = iter(reader)
             while batch := [np.asarray(f)[..., :3] for f in itertools.islice(frames, CHUNK)]:
-                for image, prob in zip(batch, timed_predict(batch), strict=True):
-                    writer.append_data(render(image, prob)[1])
+                for image, prob in zip(batch, timer.predict(batch), strict=True):
+                    writer.append_data(render(image, prob, threshold, uncertain)[1])
                 bar.add(len(batch))
         print(f"\n{video} -> {targets[(video, 'video')]}")
 
-    if count:
-        print(f"{count} images in {seconds:.2f} s (warm-up excluded): {count / seconds:.2f} images/s, "
-              f"{1000 * seconds / count:.0f} ms/image")  # fmt: skip
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    with errors.reported(args.debug):
+        from segnet import metrics, predict
+
+        paths = collect(args.inputs)
+        videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
+        images = [p for p in paths if p not in videos]
+        targets = plan(args, images, videos)
+        video_io = imageio() if videos else None
+        homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
+        path = predict.model_path(args.model)
+        model = predict.load(path)
+        threshold = args.threshold if args.threshold is not None else runs.best_threshold(path) or 0.5
+        for folder in {t.parent for t in targets.values()}:
+            folder.mkdir(parents=True, exist_ok=True)
+        print(f"model {path}, threshold {threshold:.3f}")
+        timer = Timer(model, args.batch_size)
+        predict_images(args, images, targets, timer, threshold, homographies)
+        predict_videos(videos, targets, timer, threshold, args.uncertain, video_io)
+        timer.report()
     return 0
 
 

@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
 KITTI_FRAME = (375, 1242)
 
@@ -169,14 +167,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=Path("outputs/bench.json"))
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, overrides = ap.parse_known_args(argv)
 
+    from segnet import errors
     from segnet.config import check_overrides, compose
+    from segnet.errors import ConfigError
 
-    if problem := check_overrides(overrides):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    result = run(compose(overrides), args.repeats)
+    with errors.reported(args.debug):
+        if problem := check_overrides(overrides):
+            raise ConfigError(problem)
+        result = run(compose(overrides), args.repeats)
     result["cpu"] = cpu_name()
     print(table(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)

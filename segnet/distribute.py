@@ -15,12 +15,11 @@ import os
 
 import tensorflow as tf
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+from segnet.errors import ConfigError
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"trainer.strategy={name!r}: use {', '.join(STRATEGIES)}")
+    """The strategy named by trainer.strategy (its choices are checked by the config schema)."""
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster_resolver())
     gpus = tf.config.list_logical_devices("GPU")
@@ -44,4 +43,4 @@ def cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
         # Without GPUs TensorFlow's resolver steps through the GPUs per task, zero here; a nominal GPU
         # slot per task (and CUDA left alone) gives each task its own port instead.
         return slurm(gpus_per_node=64, gpus_per_task=1, auto_set_gpu=False)
-    raise ValueError("trainer.strategy=multi_worker needs TF_CONFIG (or a Slurm job) to describe the cluster")
+    raise ConfigError("trainer.strategy=multi_worker needs TF_CONFIG (or a Slurm job) to describe the cluster")

@@ -17,7 +17,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from segnet import predict
+from segnet import errors, predict, runs
+from segnet.errors import ConfigError, MissingExtra, UserError
 from segnet.model import with_precision
 
 SUFFIX = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
@@ -41,7 +42,7 @@ def saved_model(model: keras.Model, fn, out: Path) -> None:
 
 def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none") -> Path:
     if quantize != "none" and fmt != "tflite":
-        raise ValueError(f"--quantize {quantize} applies to tflite only")
+        raise ConfigError(f"--quantize {quantize} applies to tflite only")
     fn = serving_function(model)
     if fmt == "savedmodel":
         saved_model(model, fn, out)
@@ -55,16 +56,16 @@ def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none") -> P
                 if quantize == "float16":
                     converter.target_spec.supported_types = [tf.float16]
             elif quantize != "none":
-                raise ValueError(f"--quantize {quantize}: use none, dynamic or float16")
+                raise ConfigError(f"--quantize {quantize}: use none, dynamic or float16")
             out.write_bytes(converter.convert())
     elif fmt == "onnx":
         try:
             import tf2onnx
         except ImportError:
-            raise FileNotFoundError("ONNX export needs tf2onnx: pip install -e '.[export]'") from None
+            raise MissingExtra("ONNX export", "export") from None
         tf2onnx.convert.from_function(tf.function(fn), input_signature=SIGNATURE, opset=17, output_path=str(out))
     else:
-        raise ValueError(f"--format {fmt}: use savedmodel, tflite or onnx")
+        raise ConfigError(f"--format {fmt}: use savedmodel, tflite or onnx")
     return out
 
 
@@ -72,9 +73,9 @@ def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none")
     """Export a run folder's best checkpoint (or a .keras file); default place: <run>/exports/."""
     path = predict.model_path(model)
     if path.suffix != ".keras":
-        raise FileNotFoundError(f"{path}: export reads a run folder or a .keras checkpoint")
+        raise UserError(f"{path}: export reads a run folder or a .keras checkpoint")
     name = "model" + ("" if quantize == "none" else f"-{quantize}") + SUFFIX[fmt]
-    out = Path(out) if out else path.parents[1] / "exports" / name
+    out = Path(out) if out else path.parents[1] / runs.EXPORTS / name
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or pass another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("model", help="run folder or .keras checkpoint")
     ap.add_argument("--format", required=True, choices=sorted(SUFFIX))
     ap.add_argument("--quantize", default="none", choices=["none", "dynamic", "float16"], help="TFLite only")
-    ap.add_argument("--out", type=Path, help="default: exports/<format> in the run folder")
+    ap.add_argument("--out", type=Path, help="default: exports/model[-QUANTIZE][.tflite|.onnx] in the run folder")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
-    try:
+    with errors.reported(args.debug):
         out = export_run(args.model, args.format, args.out, args.quantize)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"{args.format} model: {out}")
     return 0
 

@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segnet.errors import DatasetError
+
 NUM_THRESH = 256
 THRESH = np.arange(NUM_THRESH) / 255.0  # the kit's thresholds, float64
 # the kit's AP recall levels, float quirks included: 0.30000000000000004, 0.6000000000000001, ...
@@ -79,10 +81,6 @@ class Counts:
     fp: np.ndarray = field(default_factory=lambda: np.zeros(NUM_THRESH, np.int64))
     pos: int = 0
     neg: int = 0
-
-    @classmethod
-    def zero(cls) -> "Counts":
-        return cls()
 
     def __add__(self, other: "Counts") -> "Counts":
         return Counts(self.fn + other.fn, self.fp + other.fp, self.pos + other.pos, self.neg + other.neg)
@@ -272,28 +270,28 @@ def evaluate_folder(prob_dir, gt_dir, calib_dir=None, space="perspective", names
     prob_dir, gt_dir = Path(prob_dir), Path(gt_dir)
     gt_files = sorted(gt_dir.glob("*.png")) if names is None else [gt_dir / n for n in sorted(names)]
     if not gt_files:
-        raise ValueError(f"no ground-truth PNGs in {gt_dir}")
+        raise DatasetError(f"no ground-truth PNGs in {gt_dir}")
     counts: dict[str, Counts] = {}
     lookups = {}
     for gt_path in gt_files:
         cat = category_of(gt_path.name)
         prob_path = prob_dir / gt_path.name
         if not prob_path.is_file():
-            raise ValueError(f"missing probability map {prob_path} for ground truth {gt_path.name}")
+            raise DatasetError(f"missing probability map {prob_path} for ground truth {gt_path.name}")
         gt, prob = _read_gt(gt_path), _read_prob(prob_path)
         if prob.shape != gt.shape[:2]:
-            raise ValueError(f"{prob_path.name}: map is {prob.shape}, ground truth is {gt.shape[:2]}")
+            raise DatasetError(f"{prob_path.name}: map is {prob.shape}, ground truth is {gt.shape[:2]}")
         if space == "bev":
             parts = gt_path.stem.split("_")
             calib_path = Path(calib_dir) / f"{parts[0]}_{parts[-1]}.txt"
             if not calib_path.is_file():
-                raise ValueError(f"missing calib file {calib_path} for ground truth {gt_path.name}")
+                raise DatasetError(f"missing calib file {calib_path} for ground truth {gt_path.name}")
             H = bev_homography(read_calib(calib_path))
             key = (H.tobytes(), prob.shape)  # one drive shares one calib: project its grid once
             if key not in lookups:
                 lookups[key] = bev_lookup(H, *prob.shape)
             gt, prob = to_bev(gt, H, lookups[key]), to_bev(prob, H, lookups[key])
-        counts[cat] = counts.get(cat, Counts.zero()) + image_counts(prob, *gt_masks(gt))
+        counts[cat] = counts.get(cat, Counts()) + image_counts(prob, *gt_masks(gt))
     results = {cat: scores(counts[cat]) for cat in CATEGORIES if cat in counts}
     if any(cat in counts for cat in ROAD_CATEGORIES):
         results["URBAN_ROAD"] = scores(sum(counts[c] for c in ROAD_CATEGORIES if c in counts))

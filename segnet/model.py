@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from segnet.errors import ConfigError
 from segnet.layers import transposed_output_size, upsample, vgg16_fc_to_conv
 
 VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, convs) per block
@@ -124,7 +125,7 @@ def fcn(
     input_scale: tuple[float, float] = (1.0, 1.0),
 ) -> keras.Model:
     if name not in ("fcn8", "fcn16", "fcn32"):
-        raise ValueError(f"model.name={name!r}: use fcn8, fcn16 or fcn32")
+        raise ConfigError(f"model.name={name!r}: use fcn8, fcn16 or fcn32")
     ch = lambda n: max(1, round(n * width))  # noqa: E731
 
     image = keras.Input((None, None, 3), name="image")
@@ -189,7 +190,7 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
     `weights` is "imagenet" (downloaded by Keras) or a path to a VGG16 .h5 file, with or without the top.
     """
     if model.get_layer("block1_conv1").filters != 64:
-        raise ValueError("VGG16 weights need model.width=1.0")
+        raise ConfigError("VGG16 weights need model.width=1.0")
     vgg = None
     for include_top in (True, False):
         try:
@@ -198,7 +199,7 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
         except ValueError:
             continue
     if vgg is None:
-        raise ValueError(f"model.weights={weights!r}: not 'imagenet' nor a readable VGG16 .h5 file")
+        raise ConfigError(f"model.weights={weights!r}: not 'imagenet' nor a readable VGG16 .h5 file")
     for b, (_, convs) in enumerate(VGG16_BLOCKS, start=1):
         for i in range(1, convs + 1):
             src, dst = vgg.get_layer(f"block{b}_conv{i}"), model.get_layer(f"block{b}_conv{i}")
@@ -210,7 +211,7 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
                 bn.set_weights([gamma, bias, mean, var])
     if any(layer.name == "fc1" for layer in vgg.layers):
         if model.get_layer("fc6").kernel_size != (7, 7):
-            raise ValueError("ImageNet fc6 weights need model.fc6_kernel=7")
+            raise ConfigError("ImageNet fc6 weights need model.fc6_kernel=7")
         for name, (kernel, bias) in vgg16_fc_to_conv(vgg).items():
             model.get_layer(name).set_weights([kernel, bias])
 
@@ -246,7 +247,7 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
 def build(cfg, input_scale=(1.0, 1.0)) -> keras.Model:
     """The model named by the config's `model` group; input_scale as in Preprocess."""
     return fcn(
-        cfg.name,
+        str(cfg.name),  # a plain string: the model's name is saved in its files
         width=cfg.width,
         fc6_kernel=cfg.fc6_kernel,
         batch_norm=cfg.batch_norm,

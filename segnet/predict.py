@@ -5,45 +5,29 @@ A model is a run folder, a .keras checkpoint, or an export of segnet.export (Sav
 probabilities (B, H, W), so every kind gives the same masks.
 """
 
-import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
 import segnet.model  # noqa: F401  (registers the custom layers that load_model needs)
-
-BEST = "checkpoints/best.keras"
-
-
-def newest_run(outputs="outputs") -> Path:
-    """The most recent run folder under outputs/ that holds a best checkpoint."""
-    runs = sorted(Path(outputs).glob(f"**/{BEST}"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise FileNotFoundError(
-            f"no trained run under {Path(outputs).resolve()}: train one with `python train.py`, "
-            "or pass --model RUN_DIR or a .keras file"
-        )
-    return runs[-1].parents[1]
+from segnet import runs
+from segnet.errors import MissingExtra, UserError
 
 
 def model_path(model=None, outputs="outputs") -> Path:
-    """The model file or folder: a run's best checkpoint, a given file or export, or the newest run."""
-    path = newest_run(outputs) if model is None else Path(model)
+    """The model file or folder: a run's best checkpoint, a given file or export, or the newest run's best."""
+    if model is None:
+        return runs.best_model(outputs)
+    path = Path(model)
     if path.is_dir() and not (path / "saved_model.pb").exists():
-        path = path / BEST
+        path = path / runs.BEST
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist: pass a run folder holding {BEST}, a .keras file, "
+            f"{path} does not exist: pass a run folder holding {runs.BEST}, a .keras file, "
             "or an export (SavedModel folder, .tflite, .onnx)"
         )
     return path
-
-
-def best_threshold(path: Path) -> float | None:
-    """The validation BestThresh recorded beside a checkpoint (best.json), if any."""
-    info = path.with_name("best.json")
-    return json.loads(info.read_text()).get("best_thresh") if path.suffix == ".keras" and info.exists() else None
 
 
 def road_probability(logits: np.ndarray) -> np.ndarray:
@@ -73,10 +57,10 @@ def load(model=None, outputs="outputs"):
         try:
             import onnxruntime
         except ImportError:
-            raise FileNotFoundError(f"{path}: running .onnx models needs pip install -e '.[export]'") from None
+            raise MissingExtra(f"{path}: running .onnx models", "export") from None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda batch: session.run(["road_probability"], {"image": batch})[0]
-    raise FileNotFoundError(f"{path}: not a model segnet can load (.keras, SavedModel folder, .tflite, .onnx)")
+    raise UserError(f"{path}: not a model segnet can load (.keras, SavedModel folder, .tflite, .onnx)")
 
 
 def tflite_function(path: Path):

@@ -1,21 +1,11 @@
-"""Training: the masked loss, the distributed training step, validation at native resolution, checkpoints,
-resuming, TensorBoard.
+"""Training: the masked loss, the distributed training step, validation at native resolution, TensorBoard.
 
-A run folder (Hydra's output dir) holds everything about one run:
-    .hydra/config.yaml            the composed config
-    checkpoints/best.keras        the model with the best validation MaxF (architecture + weights)
-    checkpoints/best.json         its validation scores and epoch
-    checkpoints/last-eNNNN.weights.h5, checkpoints/state.json
-                                  the last finished epoch with optimizer and random states, for resuming
-                                  (trainer.backup, trainer.resume); state.json is written last, so it
-                                  always names a complete weights file
-    logs/train, logs/validation   TensorBoard
+`train` reads as its steps: set up the strategy and precision, get the data, build or restore the model,
+then per epoch train_one_epoch and Records.epoch_end (log, validate, checkpoint). What a run folder holds and
+how a run is continued: segnet/runs.py.
 """
 
-import hashlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,20 +13,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from omegaconf import OmegaConf
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
-from segnet import data, distribute, metrics, predict
+from segnet import data, distribute, metrics, predict, runs
+from segnet.errors import ConfigError, Interrupted, LostWorker, NonFiniteLoss, UserError
 from segnet.model import POLICIES, auto_precision, build
-
-CKPT = "checkpoints"
 
 
 def set_precision(name: str = "auto") -> str:
     """Set Keras' global dtype policy (auto: see segnet.model.auto_precision); logits and loss stay float32."""
-    name = auto_precision() if name == "auto" else name
-    if name not in POLICIES:
-        raise ValueError(f"trainer.precision={name!r}: use auto, float32, bfloat16 or float16")
+    name = auto_precision() if name == "auto" else str(name)
     keras.mixed_precision.set_global_policy(POLICIES[name])
     return name
 
@@ -54,7 +40,7 @@ def loss_sums(labels, logits, class_weights=None):
     w = ops.cast(valid, "float32")
     if class_weights is not None:
         if len(class_weights) != 2:
-            raise ValueError(f"trainer.class_weights={list(class_weights)}: give two, [non-road, road]")
+            raise ConfigError(f"trainer.class_weights={list(class_weights)}: give two, [non-road, road]")
         # float(): Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
         w = w * ops.take(ops.convert_to_tensor([float(c) for c in class_weights], "float32"), safe)
     return ops.sum(ce * w), ops.sum(w)
@@ -84,7 +70,7 @@ def road_scores(counts) -> dict[str, float]:
 def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.ndarray], metrics.Counts]:
     """Scores on the validation images at native resolution, computed the way the KITTI devkit does."""
     probs = predict.predict(model, images, batch_size)
-    counts, loss, n = metrics.Counts.zero(), 0.0, 0
+    counts, loss, n = metrics.Counts(), 0.0, 0
     for p, lb in zip(probs, labels, strict=True):
         valid, road = lb != data.IGNORE, lb == 1
         counts = counts + metrics.image_counts(metrics.to_uint8_prob(p), valid, road)
@@ -116,13 +102,6 @@ def panel(image, label, prob) -> np.ndarray:
     return np.concatenate([image, gt, predict.overlay(image, prob >= 0.5)], axis=0)
 
 
-def save_atomic(path: Path, write) -> None:
-    """Write through a temporary name and rename, so a kill never leaves a half-written file under `path`."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class Records:
     """What the chief writes after each epoch: TensorBoard logs, validation scores, the best and the last checkpoint."""
 
@@ -131,7 +110,7 @@ class Records:
         self.val_images, self.val_labels = val
         self.inference_model = inference_model
         self.writers = {k: tf.summary.create_file_writer(str(run_dir / "logs" / k)) for k in ("train", "validation")}
-        (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
+        (run_dir / runs.CKPT).mkdir(parents=True, exist_ok=True)
 
     def epoch_end(self, done: int, logs: dict) -> dict:
         """Log, validate and checkpoint the epoch just finished; return the validation scores."""
@@ -143,44 +122,33 @@ class Records:
         self.writers["train"].flush()
         scores = {}
         if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
-            self.inference_model.set_weights(self.model.get_weights())
-            scores, probs, counts = validate(
-                self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
-            )
-            with self.writers["validation"].as_default(step=done):
-                for k, v in scores.items():
-                    tf.summary.scalar(k, v)
-                for i in range(min(self.cfg.trainer.log_images, len(probs))):
-                    p = panel(self.val_images[i], self.val_labels[i], probs[i])
-                    tf.summary.image(f"panel/{i}", p[None], step=done)
-                log_pr_curve(counts, done)
-            self.writers["validation"].flush()
-            if scores["maxf"] > self.state.get("best", -1.0):
-                self.state.update(best=scores["maxf"], best_epoch=done)
-                save_atomic(self.run_dir / CKPT / "best.keras", self.inference_model.save)
-                info = {"epoch": done, **scores}
-                save_atomic(self.run_dir / CKPT / "best.json", lambda p: p.write_text(json.dumps(info, indent=1)))
-        weights = f"last-e{done:04d}.weights.h5"
-        save_atomic(self.run_dir / CKPT / weights, self.model.save_weights)
-        rng = [v.numpy().tolist() for v in seed_states(self.model)]
-        self.state.update(epoch=done, weights=weights, loss=logs["loss"], rng=rng)
-        self.save_state()
-        for old in (self.run_dir / CKPT).glob("last-e*.weights.h5"):
-            if old.name != weights:
-                old.unlink()
+            scores = self.validate_and_log(done)
+        self.state.update(epoch=done, loss=logs["loss"])
+        runs.save_last(self.run_dir, self.model, self.state)
         return scores
 
-    def save_state(self) -> None:
-        save_atomic(self.run_dir / CKPT / "state.json", lambda p: p.write_text(json.dumps(self.state, indent=1)))
+    def validate_and_log(self, done: int) -> dict:
+        """Validation scores, TensorBoard panels and PR curve; a new best MaxF is saved as best.keras."""
+        self.inference_model.set_weights(self.model.get_weights())
+        scores, probs, counts = validate(
+            self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
+        )
+        with self.writers["validation"].as_default(step=done):
+            for k, v in scores.items():
+                tf.summary.scalar(k, v)
+            for i in range(min(self.cfg.trainer.log_images, len(probs))):
+                p = panel(self.val_images[i], self.val_labels[i], probs[i])
+                tf.summary.image(f"panel/{i}", p[None], step=done)
+            log_pr_curve(counts, done)
+        self.writers["validation"].flush()
+        if scores["maxf"] > self.state.get("best", -1.0):
+            self.state.update(best=scores["maxf"], best_epoch=done)
+            runs.save_best(self.run_dir, self.inference_model, {"epoch": done, **scores})
+        return scores
 
-
-def seed_states(model) -> list:
-    """Dropout's random generator states: save_weights leaves them out, but an exact resume needs them."""
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+    def finish(self) -> None:
+        self.state["finished"] = True  # the same command, started again, now trains a new run
+        runs.write_json(self.run_dir / runs.STATE, self.state)
 
 
 def check_finite(loss: float, finished: int, batch: int) -> None:
@@ -191,23 +159,6 @@ def check_finite(loss: float, finished: int, batch: int) -> None:
             f"the loss became {loss} in epoch {finished + 1}, batch {batch + 1}; nothing of this epoch "
             f"was saved, {kept}. Lower trainer.lr, or try trainer.precision=float32"
         )
-
-
-def config_key(cfg) -> str:
-    """Names a training config, so that the same command started again finds its interrupted run."""
-    return hashlib.sha1(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
-
-
-def read_state(run: Path) -> dict:
-    return json.loads((run / CKPT / "state.json").read_text())
-
-
-def previous_run(outputs: str, key: str | None = None) -> Path | None:
-    """The newest run under outputs/ that finished at least one epoch (of the config named `key`)."""
-    runs = [p.parents[1] for p in Path(outputs).glob(f"**/{CKPT}/state.json")]
-    if key is not None:
-        runs = [r for r in runs if read_state(r).get("config") == key]
-    return max(runs, key=lambda r: (r / CKPT / "state.json").stat().st_mtime, default=None)
 
 
 def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
@@ -288,6 +239,62 @@ def same_everywhere(strategy, value: int) -> bool:
     return float(total()) == value * strategy.num_replicas_in_sync
 
 
+def setup(cfg):
+    """The distribution strategy (first: a multi-worker one must exist before TensorFlow touches a device),
+    seeds, determinism and precision."""
+    t = cfg.trainer
+    strategy = distribute.make_strategy(t.strategy)
+    keras.utils.set_random_seed(cfg.seed)
+    if t.deterministic:
+        tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
+    return strategy, set_precision(t.precision)
+
+
+def get_data(cfg):
+    """The training and validation samples, and the scale the network sees native frames at."""
+    root = data.prepare(cfg.dataset)
+    samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
+    train_s, val_s = data.split_samples(samples, cfg.dataset)
+    # From the image headers of the whole training split, so that every worker's best.keras is the same.
+    scale = data.input_scale([data.image_size(s.image) for s in train_s], cfg.dataset)
+    return root, train_s, val_s, scale
+
+
+def start_state(cfg, run_dir: Path, model, chief: bool) -> dict:
+    """A fresh state, or the state of the run this one continues (see runs.to_continue), loaded into model."""
+    key = runs.config_key(cfg)
+    prev = runs.to_continue(cfg, run_dir)
+    if prev is None:
+        return {"config": key}
+    state = {**runs.restore(model, prev, run_dir, chief), "config": key, "finished": False}
+    how = "resumed from" if cfg.trainer.resume else "continuing an interrupted run of this config from"
+    print(f"{how} {prev} after epoch {state['epoch']}")
+    return state
+
+
+def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int) -> dict:
+    """`steps` optimizer steps; the epoch's mean loss and road scores at the argmax."""
+    bar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=["loss"])
+    total, counts = 0.0, np.zeros(3)
+    for b in range(steps):
+        try:
+            loss, c = step(batches)
+        except tf.errors.UnavailableError as e:
+            # Another worker died (killed, preempted, its machine lost): tf.distribute aborts the collectives
+            # here too, so the whole job stops and can be started again.
+            lines = e.message.strip().splitlines()
+            reason = next((line for line in lines if "aborted by" in line), lines[0])
+            raise LostWorker(
+                f"lost contact with another worker ({reason}); finished epochs are saved by the chief; "
+                "start every worker again with the same command to continue"
+            ) from None
+        check_finite(loss := float(loss), epoch, b)
+        total += loss
+        counts += c.numpy()
+        bar.update(b + 1, [("loss", total / (b + 1))])
+    return {"loss": total / steps, **road_scores(counts)}
+
+
 def train(cfg, run_dir: Path) -> dict:
     """Train per the config, writing into run_dir; return the final state (epoch, best MaxF, ...).
 
@@ -296,18 +303,9 @@ def train(cfg, run_dir: Path) -> dict:
     """
     start = time.time()
     t = cfg.trainer
-    # First: a multi-worker strategy must exist before TensorFlow touches a device.
-    strategy = distribute.make_strategy(t.strategy)
+    strategy, precision = setup(cfg)
     chief = strategy.extended.should_checkpoint
-    keras.utils.set_random_seed(cfg.seed)
-    if t.deterministic:
-        tf.config.experimental.enable_op_determinism()  # same seed, same config: the same numbers
-    precision = set_precision(t.precision)
-
-    root = data.prepare(cfg.dataset)
-    samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
-    train_s, val_s = data.split_samples(samples, cfg.dataset)
-    scale = data.input_scale([data.image_size(s.image) for s in train_s], cfg.dataset)
+    root, train_s, val_s, scale = get_data(cfg)
     replicas = strategy.num_replicas_in_sync
     global_batch = t.batch_size * replicas  # trainer.batch_size is per replica
     steps = t.steps_per_epoch or max(1, len(train_s) // global_batch)
@@ -320,31 +318,10 @@ def train(cfg, run_dir: Path) -> dict:
 
     with strategy.scope():
         model = compiled_model(cfg, steps, lr)
-    state = {"config": config_key(cfg)}
-    prev = None
-    if t.resume:  # the newest run, whatever its config
-        prev = previous_run(cfg.outputs)
-        if prev is None:
-            raise FileNotFoundError(f"trainer.resume=true but no run under {cfg.outputs}/ has a checkpoint")
-    elif t.backup:  # the same command, started again after a kill or a preemption, continues its run
-        prev = previous_run(cfg.outputs, state["config"])
-        if prev is not None and read_state(prev).get("finished"):
-            prev = None
-    if prev is not None:
-        state = {**read_state(prev), "config": state["config"], "finished": False}
-        model.load_weights(prev / CKPT / state["weights"])
-        for v, value in zip(seed_states(model), state.get("rng", []), strict=False):
-            v.assign(np.asarray(value, v.dtype))
-        if chief and prev.resolve() != run_dir.resolve():  # a fixed hydra.run.dir continues in place
-            (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
-            for name in ("best.keras", "best.json"):  # this run's folder holds the best so far too
-                if (prev / CKPT / name).exists():
-                    shutil.copy2(prev / CKPT / name, run_dir / CKPT / name)
-        how = "resumed from" if t.resume else "continuing an interrupted run of this config from"
-        print(f"{how} {prev} after epoch {state['epoch']}")
+    state = start_state(cfg, run_dir, model, chief)
     done = state.get("epoch", 0)
     if not same_everywhere(strategy, done):
-        raise FileNotFoundError(
+        raise UserError(
             f"the workers would resume from different epochs (this one: {done}); put outputs={cfg.outputs} "
             "on a filesystem that every worker sees"
         )
@@ -356,24 +333,23 @@ def train(cfg, run_dir: Path) -> dict:
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
         records = Records(run_dir, model, data.load(val_s), build(cfg.model, input_scale=scale), cfg, state)
     verbose = 2 if os.environ.get("CI") else 1
-    for epoch in range(done, t.epochs):
-        print(f"Epoch {epoch + 1}/{t.epochs}")
-        bar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=["loss"])
-        total, counts = 0.0, np.zeros(3)
-        for b in range(steps):
-            loss, c = step(batches)
-            check_finite(loss := float(loss), epoch, b)
-            total += loss
-            counts += c.numpy()
-            bar.update(b + 1, [("loss", total / (b + 1))])
-        logs = {"loss": total / steps, **road_scores(counts)}
-        scores = records.epoch_end(epoch + 1, logs) if chief else {}
-        print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **{f"val_{k}": v for k, v in scores.items()}}.items()))
-        state["epoch"] = epoch + 1
+    try:
+        for epoch in range(done, t.epochs):
+            print(f"Epoch {epoch + 1}/{t.epochs}")
+            logs = train_one_epoch(step, batches, steps, epoch, verbose)
+            scores = records.epoch_end(epoch + 1, logs) if chief else {}
+            val = {f"val_{k}": v for k, v in scores.items()}
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **val}.items()))
+            state["epoch"] = epoch + 1
+    except KeyboardInterrupt:
+        # Every finished epoch is already on disk (written atomically); only the current one is lost.
+        raise Interrupted(
+            f"finished epochs are saved in {run_dir}; the same command continues from there "
+            "(trainer.backup), or add trainer.resume=true"
+        ) from None
     minutes = (time.time() - start) / 60
     if chief:
-        state["finished"] = True  # the same command, started again, now trains a new run
-        records.save_state()
+        records.finish()
         best, at = state.get("best", float("nan")), state.get("best_epoch", "-")
         print(f"done in {minutes:.1f} min: best val MaxF {best:.4f} at epoch {at} | run: {run_dir}")
     else:

@@ -1,12 +1,11 @@
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import pytest  # noqa: E402
 
-from segnet.config import compose  # noqa: E402, F401  (tests import it from here)
+from segnet.config import compose  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KITTI_SAMPLE = ROOT.parent / "shared" / "kitti_road_sample"
@@ -25,6 +24,34 @@ TINY = [
     "trainer.batch_size=4",
     "trainer.log_images=2",
 ]
+
+
+def dataset_config(*overrides):
+    """The dataset node of the real KITTI config, with overrides."""
+    return compose(["dataset=kitti", *overrides]).dataset
+
+
+def augment_overrides(*settings):
+    """Overrides for an augmentation that does only what `settings` ask ("flip=true", "scale=[0.5,0.7]", ...)."""
+    off = {"flip": "false", "scale": "[1.0,1.0]", "brightness": "0", "contrast": "0", "saturation": "0", "hue": "0"}
+    off.update(s.split("=", 1) for s in settings)
+    return [f"dataset.augment.{k}={v}" for k, v in off.items()]
+
+
+def augment_config(*settings):
+    return dataset_config(*augment_overrides(*settings)).augment
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """One tiny training run through the real Hydra config (TINY), shared by the train, infer and evaluate tests."""
+    from segnet.train import train
+
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = compose([*TINY, f"dataset.root={tmp / 'synthetic'}", f"outputs={tmp / 'outputs'}"])
+    run_dir = tmp / "outputs" / "first"
+    state = train(cfg, run_dir)
+    return cfg, run_dir, state
 
 
 @pytest.fixture

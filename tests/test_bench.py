@@ -31,5 +31,7 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_refuses_a_misspelled_override(capsys):
-    assert bench.main(["model.widht=0.5"]) == 2
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["model.widht=0.5"])
+    assert exit.value.code == 2
     assert "did you mean model.width" in capsys.readouterr().err

@@ -3,10 +3,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import augment_config, augment_overrides, dataset_config
 from PIL import Image
 
 from segnet import data
-from segnet.config import AugmentConfig, DatasetConfig
 
 
 def write(path, array):
@@ -39,7 +39,7 @@ def fake_samples(counts):
 
 def test_default_split_is_the_last_16_of_each_category():
     samples = fake_samples({"um": 95, "umm": 96, "uu": 98})
-    train, val = data.split_samples(samples, DatasetConfig())
+    train, val = data.split_samples(samples, dataset_config())
     names = {s.name for s in val}
     assert len(train) == 241 and len(val) == 48
     assert {f"um_{i:06d}" for i in range(79, 95)} <= names
@@ -49,16 +49,16 @@ def test_default_split_is_the_last_16_of_each_category():
 
 def test_split_fraction_list_and_small_datasets(tmp_path):
     samples = fake_samples({"um": 10, "uu": 3})
-    _, val = data.split_samples(samples, DatasetConfig(val_fraction=0.2))
+    _, val = data.split_samples(samples, dataset_config("dataset.val_fraction=0.2"))
     assert [s.name for s in val] == ["um_000008", "um_000009", "uu_000002"]
-    _, val = data.split_samples(samples, DatasetConfig())  # 16 per category, but at most a third
+    _, val = data.split_samples(samples, dataset_config())  # 16 per category, but at most a third
     assert [s.name for s in val] == ["um_000007", "um_000008", "um_000009", "uu_000002"]
     (tmp_path / "val.txt").write_text("um_000001\nuu_000000\n")
-    train, val = data.split_samples(samples, DatasetConfig(val_list=str(tmp_path / "val.txt")))
+    train, val = data.split_samples(samples, dataset_config(f"dataset.val_list={tmp_path / 'val.txt'}"))
     assert [s.name for s in val] == ["um_000001", "uu_000000"] and len(train) == 11
     (tmp_path / "bad.txt").write_text("um_000099\n")
     with pytest.raises(data.DatasetError, match="um_000099"):
-        data.split_samples(samples, DatasetConfig(val_list=str(tmp_path / "bad.txt")))
+        data.split_samples(samples, dataset_config(f"dataset.val_list={tmp_path / 'bad.txt'}"))
 
 
 def test_missing_ground_truth_names_the_file(tmp_path):
@@ -88,7 +88,7 @@ def run_augment(image, label, aug, seed, size):
 
 def test_flip_and_crop_keep_image_and_label_aligned_pixel_for_pixel():
     image, label = aligned_pair()
-    aug = AugmentConfig(flip=True)
+    aug = augment_config("flip=true")
     flipped = 0
     for seed in range(8):
         x, y = run_augment(image, label, aug, [seed, 1], (32, 48))
@@ -100,7 +100,7 @@ def test_flip_and_crop_keep_image_and_label_aligned_pixel_for_pixel():
 
 def test_scale_keeps_alignment_and_pads_with_ignore():
     image, label = aligned_pair()
-    aug = AugmentConfig(flip=False, scale=[0.5, 0.7])
+    aug = augment_config("scale=[0.5,0.7]")
     x, y = run_augment(image, label, aug, [3, 4], (40, 64))
     inside = y != data.IGNORE
     assert 0 < inside.mean() < 0.6  # scaled down: the rest is padding, ignored
@@ -110,7 +110,7 @@ def test_scale_keeps_alignment_and_pads_with_ignore():
 
 def test_colour_jitter_changes_the_image_not_the_label():
     image, label = aligned_pair()
-    aug = AugmentConfig(flip=False, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
+    aug = augment_config("brightness=0.2", "contrast=0.2", "saturation=0.2", "hue=0.05")
     x, y = run_augment(image, label, aug, [5, 6], (40, 64))
     np.testing.assert_array_equal(y, label)
     assert np.abs(x - image).mean() > 1.0
@@ -128,7 +128,9 @@ def test_training_arrays_resize_and_crop_modes():
 def test_train_dataset_is_deterministic_from_the_seed():
     image, label = aligned_pair()
     x, y = np.stack([image] * 4), np.stack([label] * 4)
-    cfg = DatasetConfig(train_size=[32, 48], augment=AugmentConfig(flip=True, scale=[0.8, 1.2], brightness=0.1))
+    cfg = dataset_config(
+        "dataset.train_size=[32,48]", *augment_overrides("flip=true", "scale=[0.8,1.2]", "brightness=0.1")
+    )
     a = next(iter(data.train_dataset(x, y, cfg, 2, seed=7)))
     b = next(iter(data.train_dataset(x, y, cfg, 2, seed=7)))
     c = next(iter(data.train_dataset(x, y, cfg, 2, seed=8)))
@@ -139,10 +141,10 @@ def test_train_dataset_is_deterministic_from_the_seed():
 
 def test_input_scale_follows_the_training_resize():
     sizes = [(375, 1242), (370, 1226)]
-    sy, sx = data.input_scale(sizes, DatasetConfig(train_size=[160, 576]))
+    sy, sx = data.input_scale(sizes, dataset_config("dataset.train_size=[160,576]"))
     assert sy == pytest.approx((160 / 375 + 160 / 370) / 2, abs=1e-6)
     assert sx == pytest.approx((576 / 1242 + 576 / 1226) / 2, abs=1e-6)
-    assert data.input_scale(sizes, DatasetConfig(train_mode="crop")) == (1.0, 1.0)
+    assert data.input_scale(sizes, dataset_config("dataset.train_mode=crop")) == (1.0, 1.0)
 
 
 def test_grey_rgba_and_16_bit_images_are_converted(tmp_path):
@@ -196,8 +198,8 @@ def test_disk_cache_gives_the_same_batches_and_is_reused_until_the_data_change(t
         write(tmp_path / f"training/image_2/um_{i:06d}.png", image)
         write(tmp_path / f"training/gt_image_2/um_road_{i:06d}.png", np.full((20, 30, 3), (255, 0, 255), np.uint8))
     samples = data.list_samples(tmp_path)
-    memory = DatasetConfig(train_size=[16, 24], cache="memory")
-    disk = DatasetConfig(train_size=[16, 24], cache="disk", cache_dir=str(tmp_path / "cache"))
+    memory = dataset_config("dataset.train_size=[16,24]", "dataset.cache=memory")
+    disk = dataset_config("dataset.train_size=[16,24]", "dataset.cache=disk", f"dataset.cache_dir={tmp_path / 'cache'}")
     xm, ym = data.training_set(samples, memory)
     xd, yd = data.training_set(samples, disk)
     assert isinstance(xd, np.memmap)

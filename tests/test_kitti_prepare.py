@@ -1,6 +1,7 @@
 import zipfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segnet.data import __main__ as data_cli
@@ -48,8 +49,14 @@ def test_prepare_downloads_from_a_url(tmp_path):
 def test_prepare_refuses_a_zip_that_is_not_data_road(tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as z:
         z.writestr("readme.txt", "hello")
-    assert kitti.main(["prepare", "--zip", str(tmp_path / "x.zip"), "--out", str(tmp_path / "k")]) == 2
+    with pytest.raises(SystemExit) as exit:
+        kitti.main(["prepare", "--zip", str(tmp_path / "x.zip"), "--out", str(tmp_path / "k")])
+    assert exit.value.code == 2
     assert "training/image_2" in capsys.readouterr().err
+    (tmp_path / "y.zip").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit) as exit:
+        kitti.main(["prepare", "--zip", str(tmp_path / "y.zip"), "--out", str(tmp_path / "k")])
+    assert exit.value.code == 2 and "y.zip: not a zip archive" in capsys.readouterr().err
 
 
 def test_check_lists_every_problem_at_once(tmp_path, capsys):
@@ -66,7 +73,7 @@ def test_check_lists_every_problem_at_once(tmp_path, capsys):
     assert counts["training"] == {"um": 2, "umm": 2, "uu": 2}
     text = "\n".join(problems)
     assert "um_000001.png: no ground truth um_road_000001.png" in text
-    assert "uu_road_000007.png: ground truth without an image" in text
+    assert "uu_road_000007.png: ground truth without its image" in text
     assert "uu_road_000007.png: not a readable image" in text
     assert "umm_road_000000.png: 3 pixels of colours outside the KITTI code, e.g. [(200, 0, 120)]" in text
     assert "umm_road_000001.png: " in text and "but its image is" in text

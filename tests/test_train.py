@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import ROOT, TINY, compose
-from PIL import Image
 
 from segnet import data
 from segnet.train import train
@@ -22,16 +21,6 @@ def event_tags(log_dir: Path) -> dict[str, set[str]]:
                 kind = v.metadata.plugin_data.plugin_name
                 tags.setdefault(kind if kind in ("images", "pr_curves") else "scalars", set()).add(v.tag)
     return tags
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One tiny training run through the real Hydra config, shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("run")
-    cfg = compose([*TINY, f"dataset.root={tmp / 'synthetic'}", f"outputs={tmp / 'outputs'}"])
-    run_dir = tmp / "outputs" / "first"
-    state = train(cfg, run_dir)
-    return cfg, run_dir, state
 
 
 def test_training_writes_checkpoints_and_state(run):
@@ -71,81 +60,6 @@ def test_resume_continues_from_the_last_epoch(run, tmp_path):
     log = list((tmp_path / "second" / "logs" / "train").glob("events*"))
     steps = {e.step for f in log for e in tf.compat.v1.train.summary_iterator(str(f)) if e.summary.value}
     assert steps == {3}  # epochs 1 and 2 were not trained again
-
-
-def test_infer_writes_mask_and_overlay(run, tmp_path):
-    cfg, run_dir, _ = run
-    image = sorted((Path(cfg.dataset.root) / "testing" / "image_2").glob("*.png"))[0]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), str(image), "--model", str(run_dir), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    mask = np.asarray(Image.open(tmp_path / f"{image.stem}_mask.png"))
-    overlay = np.asarray(Image.open(tmp_path / f"{image.stem}_overlay.png"))
-    assert mask.shape == (64, 96) and set(np.unique(mask)) <= {0, 255}
-    assert overlay.shape == (64, 96, 3)
-    assert str(tmp_path / f"{image.stem}_mask.png") in out.stdout
-
-    bev = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), str(image), "--model", str(run_dir), "--bev",
-         "--out", str(tmp_path / "bev"), "--kitti-submission", str(tmp_path / "submit")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert bev.returncode == 0, bev.stderr
-    cat, _, idx = image.stem.rpartition("_")
-    assert np.asarray(Image.open(tmp_path / "submit" / f"{cat}_road_{idx}.png")).shape == (800, 400)
-    assert np.asarray(Image.open(tmp_path / "bev" / f"{image.stem}_overlay.png")).shape == (800, 400, 3)
-
-
-def evaluate(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
-
-
-def test_evaluate_reproduces_the_validation_maxf_of_training(run, tmp_path):
-    cfg, run_dir, _ = run
-    out = evaluate(*TINY, f"dataset.root={cfg.dataset.root}", f"outputs={tmp_path}", f"eval.run={run_dir}")
-    assert out.returncode == 0, out.stderr
-    (scores,) = tmp_path.glob("eval/*/*/scores.json")
-    results = json.loads(scores.read_text())
-    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
-    assert results["URBAN_ROAD"]["MaxF"] == pytest.approx(100 * best["maxf"], abs=0.05)
-    assert {"um_road", "umm_road", "uu_road"} <= set(results)
-    assert "URBAN_ROAD" in out.stdout and "BestThresh" in out.stdout
-    maps = sorted(p.name for p in (scores.parent / "maps").iterdir())
-    assert len(maps) == 6 and maps[0] == "um_road_000004.png"  # the last 2 of each category, benchmark names
-
-    bev = evaluate(*TINY, f"dataset.root={cfg.dataset.root}", f"outputs={tmp_path}", f"eval.run={run_dir}",
-                   "eval.space=bev")  # fmt: skip
-    assert bev.returncode == 0, bev.stderr
-    assert "bev" in bev.stdout and "URBAN_ROAD" in bev.stdout
-
-
-def test_evaluate_scores_any_folder_of_maps_without_a_model(kitti_sample, tmp_path):
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    for gt in (kitti_sample / "training" / "gt_image_2").glob("*_road_*.png"):
-        road = np.asarray(Image.open(gt))[..., 2] > 0
-        Image.fromarray((road * 255).astype(np.uint8)).save(maps / gt.name)
-    out = evaluate("dataset=kitti", f"dataset.root={kitti_sample}", f"eval.pred_dir={maps}", f"outputs={tmp_path}")
-    assert out.returncode == 0, out.stderr
-    (scores,) = tmp_path.glob("eval/*/*/scores.json")
-    assert json.loads(scores.read_text())["URBAN_ROAD"]["MaxF"] == pytest.approx(100)
-    missing = evaluate("dataset=kitti", f"dataset.root={kitti_sample}", f"eval.pred_dir={tmp_path / 'none'}",
-                       f"outputs={tmp_path}")  # fmt: skip
-    assert missing.returncode == 2 and "none" in missing.stderr and "Traceback" not in missing.stderr
-
-
-def test_infer_without_a_run_says_how_to_get_one(tmp_path):
-    image = tmp_path / "x.png"
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), str(image)], capture_output=True, text=True, cwd=tmp_path, timeout=300
-    )
-    assert out.returncode == 2
-    assert "python train.py" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_config_typo_fails_at_start_with_the_key_named(tmp_path):
@@ -190,33 +104,6 @@ def test_a_small_run_learns_the_road(tmp_path):
     p = (labels == 1).sum() / (labels != data.IGNORE).sum()
     all_road_f1 = 2 * p / (1 + p)
     assert best["f1"] > all_road_f1 + 0.2, (best, all_road_f1, state)
-
-
-def infer(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-
-
-def test_infer_refuses_bad_inputs_and_never_overwrites(run, tmp_path):
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames / "a.png")
-    (frames / "b.png").write_bytes(b"GIF89a not really")
-    cases = [
-        ((tmp_path / "missing.png",), "missing.png: no such file"),
-        ((frames / "b.png", "--out", tmp_path / "out"), "b.png: not a readable image"),
-        ((frames / "a.png", "--out", frames), "the output folder is the input folder"),
-    ]
-    for args, message in cases:
-        out = infer(*args, "--model", run[1], cwd=tmp_path)
-        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
-    (tmp_path / "out").mkdir(exist_ok=True)
-    (tmp_path / "out" / "a_mask.png").write_bytes(b"an earlier result")
-    out = infer(frames / "a.png", "--out", tmp_path / "out", "--model", run[1], cwd=tmp_path)
-    assert out.returncode == 2 and "--overwrite" in out.stderr
-    assert (tmp_path / "out" / "a_mask.png").read_bytes() == b"an earlier result"
-    assert "Traceback" in infer(tmp_path / "missing.png", "--debug", cwd=tmp_path).stderr
 
 
 def test_loss_ignores_pixels_outside_the_evaluation_area_and_weights_classes():

@@ -21,12 +21,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from segnet.errors import DatasetError
+from segnet.metrics import gt_masks
+
 IGNORE = 255  # label of pixels outside the evaluation area
 CATEGORIES = ("um", "umm", "uu")
-
-
-class DatasetError(ValueError):
-    """A problem with the user's data: the message names the file and what to do."""
 
 
 @dataclass
@@ -52,31 +51,48 @@ def list_samples(root, split: str = "training", categories=CATEGORIES, task: str
         )
     samples = []
     for path in sorted(image_dir.glob("*.png")):
-        cat, _, idx = path.stem.rpartition("_")
+        cat = path.stem.rpartition("_")[0]
         if cat not in categories or (task == "lane" and cat != "um"):
             continue
-        gt = root / split / "gt_image_2" / f"{cat}_{task}_{idx}.png"
-        calib = root / split / "calib" / f"{path.stem}.txt"
+        gt, calib = gt_path(path, task), root / split / "calib" / f"{path.stem}.txt"
         samples.append(Sample(path.stem, path, gt if gt.exists() else None, calib if calib.exists() else None))
     if not samples:
         raise DatasetError(f"{image_dir} holds no images of categories {list(categories)}")
-    if split == "training":
-        names = {s.name for s in samples}
-        for gt in sorted((root / split / "gt_image_2").glob(f"*_{task}_*.png")):
-            cat, _, idx = gt.stem.partition(f"_{task}_")
-            if cat in categories and f"{cat}_{idx}" not in names:
-                raise DatasetError(
-                    f"{gt}: ground truth without its image {image_dir / f'{cat}_{idx}.png'}; "
-                    "add the image or remove the mask"
-                )
-        missing = [s.name for s in samples if s.gt is None]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} training image(s) have no ground truth in {root / split / 'gt_image_2'} "
-                f"(first: {missing[0]}, expected {missing[0].replace('_', f'_{task}_', 1)}.png); "
-                "add the masks or remove the images"
-            )
+    if split == "training" and (problems := unpaired(root, task, categories)):
+        more = (
+            f" ({len(problems) - 1} more: `python -m segnet.data check {root}` lists them)" if len(problems) > 1 else ""
+        )
+        raise DatasetError(problems[0] + more)
     return samples
+
+
+def gt_path(image: Path, task: str = "road") -> Path:
+    """<root>/training/image_2/um_000000.png -> <root>/training/gt_image_2/um_road_000000.png."""
+    cat, _, idx = image.stem.rpartition("_")
+    return image.parent.parent / "gt_image_2" / f"{cat}_{task}_{idx}.png"
+
+
+def unpaired(root, task: str = "road", categories=CATEGORIES, every_mask: bool = False) -> list[str]:
+    """Training images without their ground truth and ground truth without its image, one message each.
+
+    every_mask: also masks of other tasks (um_lane_...) and stray files in gt_image_2 must have their image.
+    """
+    image_dir, gt_dir = Path(root) / "training" / "image_2", Path(root) / "training" / "gt_image_2"
+    names = {p.stem for p in image_dir.glob("*.png")}
+    problems = []
+    for name in sorted(names):
+        cat = name.rpartition("_")[0]
+        gt = gt_path(image_dir / f"{name}.png", task)
+        if cat in categories and (task != "lane" or cat == "um") and not gt.exists():
+            problems.append(
+                f"{image_dir / name}.png: no ground truth {gt.name} in {gt_dir}; add the mask or remove the image"
+            )
+    for gt in sorted(gt_dir.glob("*.png" if every_mask else f"*_{task}_*.png")):
+        parts = gt.stem.split("_")
+        image = image_dir / f"{parts[0]}_{parts[-1]}.png"
+        if len(parts) != 3 or (parts[0] in categories or every_mask) and image.stem not in names:
+            problems.append(f"{gt}: ground truth without its image {image}; add the image or remove the mask")
+    return problems
 
 
 def split_samples(samples: list[Sample], cfg) -> tuple[list[Sample], list[Sample]]:
@@ -158,7 +174,7 @@ def read_label(path) -> np.ndarray:
             "(255,0,255) road, (255,0,0) non-road and (0,0,0) ignore: save them as PNG and resize them "
             "with nearest-neighbour, never with a smoothing filter or JPEG"
         )
-    valid, road = gt[..., 0] > 0, gt[..., 2] > 0
+    valid, road = gt_masks(gt)
     return np.where(valid, road.astype(np.uint8), np.uint8(IGNORE))
 
 
@@ -194,11 +210,9 @@ def training_arrays(images, labels, cfg) -> tuple[np.ndarray, np.ndarray]:
     """
     if cfg.train_mode == "resize":
         size = tuple(cfg.train_size)
-    elif cfg.train_mode == "crop":
+    else:  # crop
         shapes = [im.shape[:2] for im in images]
         size = max(set(shapes), key=shapes.count)
-    else:
-        raise DatasetError(f"dataset.train_mode={cfg.train_mode!r}: use resize or crop")
     x = np.stack([resize(im, size) for im in images])
     y = np.stack([resize(lb, size, label=True) for lb in labels])
     return x, y
@@ -211,11 +225,9 @@ def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray]:
     runs memory-map; the key covers every file's path, size and mtime and the resize settings, so an edited
     dataset is decoded again.
     """
-    if cfg.cache not in ("memory", "disk"):
-        raise DatasetError(f"dataset.cache={cfg.cache!r}: use memory or disk")
     if cfg.cache == "disk":
         files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for s in samples for p in (s.image, s.gt)]
-        spec = {"files": files, "mode": cfg.train_mode, "size": list(cfg.train_size)}
+        spec = {"files": files, "mode": str(cfg.train_mode), "size": list(cfg.train_size)}
         folder = Path(cfg.cache_dir) / hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
         if not folder.exists():
             x, y = training_arrays(*load(samples), cfg)
@@ -311,19 +323,14 @@ def check(root) -> tuple[dict[str, dict[str, int]], list[str]]:
     counts, problems = {}, []
     if not (root / "training" / "image_2").is_dir():
         return counts, [f"{root / 'training' / 'image_2'} does not exist: is {root} a data_road folder?"]
+    problems += unpaired(root, every_mask=True)
     for split in ("training", "testing"):
         images = {p.stem: p for p in sorted((root / split / "image_2").glob("*.png"))}
         gts = {p.stem: p for p in sorted((root / split / "gt_image_2").glob("*.png"))}
-        for name, path in images.items():
+        for name in images:
             cat = name.rpartition("_")[0]
-            c = counts.setdefault(split, {}).setdefault(cat, 0)
-            counts[split][cat] = c + 1
-            if split == "training" and f"{cat}_road_{name.rpartition('_')[2]}" not in gts:
-                problems.append(f"{path}: no ground truth {cat}_road_{name.rpartition('_')[2]}.png")
-        for name, path in gts.items():
-            cat, task, idx = name.split("_") if name.count("_") == 2 else (None, None, None)
-            if cat is None or f"{cat}_{idx}" not in images:
-                problems.append(f"{path}: ground truth without an image")
+            counts.setdefault(split, {}).setdefault(cat, 0)
+            counts[split][cat] += 1
         shapes = {}
         for path in images.values():
             try:

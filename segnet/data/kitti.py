@@ -12,7 +12,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from segnet import errors
 from segnet.data import check
+from segnet.errors import DatasetError
 
 # data_road as released: images per category.
 EXPECTED = {
@@ -24,7 +26,11 @@ EXPECTED = {
 def download(url: str, dest: Path) -> Path:
     """Download with a progress bar on stderr, through a temporary name so a broken transfer leaves nothing."""
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+    try:
+        r = urllib.request.urlopen(url)
+    except (OSError, ValueError) as e:
+        raise errors.UserError(f"{url}: cannot download ({e}); check the link, or download it and pass --zip") from None
+    with r, open(tmp, "wb") as f:
         total, done = int(r.headers.get("Content-Length") or 0), 0
         while chunk := r.read(1 << 20):
             f.write(chunk)
@@ -39,15 +45,19 @@ def download(url: str, dest: Path) -> Path:
 def unpack(zip_path: Path, out: Path) -> Path:
     """Extract into out/ and return the data_road folder (the one holding training/)."""
     out.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(zip_path) as z:
+    try:
+        z = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as e:
+        raise DatasetError(f"{zip_path}: not a zip archive ({e}); download data_road.zip again") from None
+    with z:
         for member in z.namelist():
             target = (out / member).resolve()
             if not target.is_relative_to(out.resolve()):  # a crafted archive must not write outside out/
-                raise ValueError(f"{zip_path}: refusing member {member!r} outside {out}")
+                raise DatasetError(f"{zip_path}: refusing member {member!r} outside {out}")
         z.extractall(out)
     roots = sorted(p.parent for p in out.glob("**/training/image_2"))
     if not roots:
-        raise ValueError(f"{zip_path} holds no training/image_2: is it KITTI's data_road.zip?")
+        raise DatasetError(f"{zip_path} holds no training/image_2: is it KITTI's data_road.zip?")
     return roots[0].parent if roots[0].name == "training" else roots[0]
 
 
@@ -77,12 +87,10 @@ def main(argv=None) -> int:
     src.add_argument("--zip", type=Path, help="data_road.zip you downloaded")
     src.add_argument("--url", help="a download link for data_road.zip")
     p.add_argument("--out", type=Path, default=Path("data/kitti"))
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
-    try:
+    with errors.reported(args.debug):
         root, problems = prepare(args.zip, args.url, args.out)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     for problem in problems:
         print(f"problem: {problem}")
     print(f"data_road is in {root}: train with `python train.py dataset=kitti dataset.root={root}`")

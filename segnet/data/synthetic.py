@@ -24,12 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from segnet.data import IGNORE
+
 CATEGORIES = ("um", "umm", "uu")
 SPLITS = ("training", "testing")
 VERSION = 1  # bump when the scenes change, so datasets already on disk are regenerated
 KITTI_FOCAL, KITTI_WIDTH = 721.5377, 1242
-NONROAD, ROAD, IGNORE = 0, 1, 2  # label codes while drawing
-GT_COLOURS = np.array([(255, 0, 0), (255, 0, 255), (0, 0, 0)], np.uint8)  # indexed by label code
+NONROAD, ROAD = 0, 1  # the label codes segnet.data reads the masks back into, IGNORE included
+GT_COLOURS = np.zeros((256, 3), np.uint8)  # indexed by label code; IGNORE stays black
+GT_COLOURS[NONROAD], GT_COLOURS[ROAD] = (255, 0, 0), (255, 0, 255)
 
 
 def complete(marker: Path, params: dict) -> bool:
@@ -405,7 +408,7 @@ def render(s, rng):
     tree_h = np.interp(az, np.linspace(-1.3, 1.3, len(trees)), trees)
     block_h = blocks[np.clip(((az + 1.3) / 2.6 * len(blocks)).astype(int), 0, len(blocks) - 1)]
     behind = ~ground | (dist < Z)
-    in_trees = behind & (elev < np.arctan(tree_h / dist) + 0.0 * dz)
+    in_trees = behind & (elev < np.arctan(tree_h / dist))
     in_blocks = behind & (elev < np.arctan(block_h / dist)) & ~in_trees
     leaves = np.array([0.16, 0.24, 0.12]) * (0.7 + 0.6 * noise(rng, az * 300, elev * 300, 1.0))[..., None]
     img = np.where(in_trees[..., None], leaves, img)

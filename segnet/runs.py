@@ -1,0 +1,151 @@
+"""Run folders: what one training run writes, how it is written, and which run is "the newest".
+
+    <outputs>/2026-11-25/10-00-00/    one run (Hydra's output dir; hydra.run.dir may put it anywhere)
+        .hydra/config.yaml            the composed config
+        checkpoints/best.keras        the model with the best validation MaxF (architecture + weights)
+        checkpoints/best.json         its validation scores and epoch
+        checkpoints/last-eNNNN.weights.h5
+                                      the last finished epoch, optimizer state included
+        checkpoints/state.json        epoch, that weights file, dropout's random states, the config's key,
+                                      finished or not; written last, so it always names a complete weights file
+        logs/train, logs/validation   TensorBoard
+        exports/                      segnet.export's models
+
+Every file goes through a temporary name and a rename: a kill never leaves half a file under a real name.
+The newest run is the one whose state.json was written last: `infer.py` without --model and
+`trainer.resume=true` both take it, so they never disagree.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from segnet.errors import UserError
+
+CKPT = "checkpoints"
+BEST = f"{CKPT}/best.keras"
+BEST_JSON = f"{CKPT}/best.json"
+STATE = f"{CKPT}/state.json"
+EXPORTS = "exports"
+
+
+def save_atomic(path: Path, write) -> None:
+    """write(tmp) then rename onto path, so that path holds the old file or the whole new one."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    save_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1)))
+
+
+def read_state(run: Path) -> dict:
+    return json.loads((Path(run) / STATE).read_text())
+
+
+def config_key(cfg) -> str:
+    """Names a training config, so that the same command started again finds its interrupted run."""
+    return hashlib.sha1(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
+
+
+def newest(outputs, config: str | None = None) -> Path | None:
+    """The run under outputs/ whose state.json was written last (of the config named `config`, if given)."""
+    runs = [p.parents[1] for p in Path(outputs).glob(f"**/{STATE}")]
+    if config is not None:
+        runs = [r for r in runs if read_state(r).get("config") == config]
+    return max(runs, key=lambda r: (r / STATE).stat().st_mtime, default=None)
+
+
+def best_model(outputs) -> Path:
+    """The best checkpoint of the newest run, for commands given no model."""
+    run = newest(outputs)
+    if run is None:
+        raise FileNotFoundError(
+            f"no trained run under {Path(outputs).resolve()}: train one with `python train.py`, "
+            "or pass --model RUN_DIR or a .keras file"
+        )
+    if not (run / BEST).exists():
+        raise FileNotFoundError(f"the newest run, {run}, has no {BEST} yet (no validation ran); pass --model")
+    return run / BEST
+
+
+def to_continue(cfg, run_dir: Path) -> Path | None:
+    """The run this training continues, or None for a fresh start.
+
+    trainer.resume=true: the run folder itself if it holds a state, else the newest run, whatever its config.
+    trainer.backup (the default): the newest unfinished run of this very config, so that the same command,
+    started again after a kill or a preemption, carries on.
+    """
+    own = run_dir if (run_dir / STATE).exists() else None
+    if cfg.trainer.resume:
+        prev = own or newest(cfg.outputs)
+        if prev is None:
+            raise FileNotFoundError(
+                f"trainer.resume=true but neither {run_dir} nor any run under {cfg.outputs}/ has a checkpoint"
+            )
+        return prev
+    if cfg.trainer.backup:
+        key = config_key(cfg)
+        prev = own if own is not None and read_state(own).get("config") == key else newest(cfg.outputs, key)
+        if prev is not None and not read_state(prev).get("finished"):
+            return prev
+    return None
+
+
+def seed_states(model) -> list:
+    """Dropout's random generator states: save_weights leaves them out, but an exact resume needs them."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def restore(model, prev: Path, run_dir: Path, chief: bool = True) -> dict:
+    """Load the last epoch of run `prev` into model (weights, optimizer, random states); return its state.
+
+    When the run continues into a new folder, the best checkpoint so far is copied there too, so that
+    every run folder holds the best model of its whole training.
+    """
+    state = read_state(prev)
+    model.load_weights(prev / CKPT / state["weights"])
+    saved, ours = state.get("rng", []), seed_states(model)
+    if len(saved) != len(ours):
+        raise UserError(
+            f"{prev / STATE} holds {len(saved)} random states, this model has {len(ours)}: "
+            "it is another model's run; start a new run (trainer.resume=false)"
+        )
+    for v, value in zip(ours, saved, strict=True):
+        v.assign(np.asarray(value, v.dtype))
+    if chief and prev.resolve() != run_dir.resolve():
+        (run_dir / CKPT).mkdir(parents=True, exist_ok=True)
+        for name in (BEST, BEST_JSON):
+            if (prev / name).exists():
+                shutil.copy2(prev / name, run_dir / name)
+    return state
+
+
+def save_best(run_dir: Path, model, info: dict) -> None:
+    save_atomic(run_dir / BEST, model.save)
+    write_json(run_dir / BEST_JSON, info)
+
+
+def save_last(run_dir: Path, model, state: dict) -> None:
+    """The epoch just finished: its weights, then the state naming them, then the older weights go."""
+    weights = f"last-e{state['epoch']:04d}.weights.h5"
+    save_atomic(run_dir / CKPT / weights, model.save_weights)
+    state.update(weights=weights, rng=[v.numpy().tolist() for v in seed_states(model)])
+    write_json(run_dir / STATE, state)
+    for old in (run_dir / CKPT).glob("last-e*.weights.h5"):
+        if old.name != weights:
+            old.unlink()
+
+
+def best_threshold(model_path: Path) -> float | None:
+    """The validation BestThresh recorded beside a checkpoint (best.json), if any."""
+    info = model_path.with_name(Path(BEST_JSON).name)
+    if model_path.suffix != ".keras" or not info.exists():
+        return None
+    return json.loads(info.read_text()).get("best_thresh")
