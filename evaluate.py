@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from segnet import errors
+from segnet import errors, runs
 from segnet.config import EvaluateConfig, check_overrides, register
 
 register()
@@ -25,8 +25,9 @@ register()
 def evaluate(cfg, out: Path) -> dict:
     from PIL import Image
 
-    from segnet import data, metrics, predict
+    from segnet import config, data, metrics, predict
 
+    config.validate(cfg, EvaluateConfig)
     e = cfg.eval
     root = data.prepare(cfg.dataset)
     gt_dir = e.gt_dir or root / "training" / "gt_image_2"
@@ -39,7 +40,8 @@ def evaluate(cfg, out: Path) -> dict:
     _, val = data.split_samples(samples, cfg.dataset)
     if not val:
         raise errors.DatasetError(f"the validation split of {root} is empty; set dataset.val_per_category")
-    model = predict.load(e.run, cfg.outputs)
+    model = predict.load(e.run, cfg.outputs, precision=e.precision)
+    print(f"model {predict.model_path(e.run, cfg.outputs)} in {model.precision}")
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
     for s in val:  # one at a time: KITTI frames differ in size, and this keeps memory flat
@@ -62,6 +64,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if problem := check_overrides(sys.argv[1:], EvaluateConfig):
-        sys.exit(f"error: {problem}")
+    with errors.reported():  # before Hydra starts: a typo in a key, outputs that cannot be written
+        if problem := check_overrides(sys.argv[1:], EvaluateConfig):
+            raise errors.ConfigError(problem)
+        runs.check_outputs(sys.argv[1:])
     main()

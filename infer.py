@@ -21,21 +21,27 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 KINDS = ("mask", "overlay", "prob")
 CHUNK = 32  # images read, predicted and written together: memory stays flat on long folders
+MAX_SIDE = 2560  # a 4K frame or a 12-megapixel photo is predicted at this size: README, "Reliability"
 
 
 def collect(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images and videos) and globs, in order, each once."""
+    """Files, folders (their images and videos) and globs, in order, each once; a folder or glob with nothing
+    to predict is an error, never a silent success that wrote nothing."""
+    known = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     paths = []
     for arg in inputs:
         p = Path(arg)
-        if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
-        elif p.exists():
+        if p.is_file():
             paths.append(p)
-        elif matches := sorted(glob.glob(arg)):
-            paths += [Path(m) for m in matches]
-        else:
+            continue
+        if not p.is_dir() and not (matches := sorted(Path(m) for m in glob.glob(arg))):
             raise FileNotFoundError(f"{arg}: no such file, folder or glob match")
+        found = sorted(p.iterdir()) if p.is_dir() else matches
+        if not (usable := [q for q in found if q.is_file() and q.suffix.lower() in known]):
+            raise errors.UserError(
+                f"{arg}: {len(found)} entries, none an image or a video ({', '.join(sorted(known))}); nothing to predict"
+            )
+        paths += usable
     return list(dict.fromkeys(paths))
 
 
@@ -73,7 +79,12 @@ def parse(argv):
     ap.add_argument("--bev", action="store_true", help="write every output in KITTI's bird's-eye view (needs calib)")
     ap.add_argument("--calib", type=Path, help="folder of KITTI calib files (default: ../calib beside the images)")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help=".keras models: auto runs bfloat16 where the CPU has it (exports: float32)")  # fmt: skip
+    ap.add_argument("--max-side", type=int, default=MAX_SIDE,
+                    help="predict larger images shrunk to this longer side, masks at full size (bounds memory)")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written earlier")
+    ap.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist (after a stop)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     args.kinds = args.write.split(",") if args.write else []
@@ -83,8 +94,15 @@ def parse(argv):
 
 
 def plan(args, images: list[Path], videos: list[Path]) -> dict:
-    """Every output file, keyed (input, kind); refuses to write into an input folder or over earlier outputs."""
+    """Every output file, keyed (input, kind); refuses to write into an input folder or over earlier outputs.
+
+    With --resume, inputs whose outputs all exist are left out (outputs are written whole or not at all), and
+    the outputs of a half-done input are written again.
+    """
     folders = {args.out: args.kinds, **({args.kitti_submission: ["kitti"]} if args.kitti_submission else {})}
+    for folder, flag in ((args.out, "--out"), (args.kitti_submission, "--kitti-submission")):
+        if folder is not None:
+            runs.writable_folder(folder, flag)
     targets = {}
     for p in images:
         for folder, kinds in folders.items():
@@ -95,26 +113,30 @@ def plan(args, images: list[Path], videos: list[Path]) -> dict:
     for p in images + videos:
         if p.parent.resolve() in {folder.resolve() for folder in folders}:
             raise FileExistsError(f"{p}: the output folder is the input folder; choose another --out")
-    if not args.overwrite and (old := [t for t in targets.values() if t.exists()]):
-        raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite")
+    if args.resume:
+        done = {p for p in images + videos if all(t.exists() for (q, _), t in targets.items() if q == p)}
+        targets = {key: t for key, t in targets.items() if key[0] not in done}
+        print(f"--resume: {len(done)} input(s) already done, {len(images) + len(videos) - len(done)} to go")
+    if not (args.overwrite or args.resume) and (old := [t for t in targets.values() if t.exists()]):
+        raise FileExistsError(f"{old[0]} exists ({len(old)} outputs would be replaced); pass --overwrite or --resume")
     return targets
 
 
 class Timer:
     """Predicts and times it; the first call for each image size (it builds the graph) goes before, untimed."""
 
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size = model, batch_size
+    def __init__(self, model, batch_size: int, max_side: int):
+        self.model, self.batch_size, self.max_side = model, batch_size, max_side
         self.seconds, self.count, self.warm = 0.0, 0, set()
 
     def predict(self, images):
         from segnet import predict
 
         for shape, image in {im.shape: im for im in images if im.shape not in self.warm}.items():
-            predict.predict(self.model, [image])
+            predict.predict(self.model, [image], max_side=self.max_side)
             self.warm.add(shape)
         start = time.perf_counter()
-        probs = predict.predict(self.model, images, self.batch_size)
+        probs = predict.predict(self.model, images, self.batch_size, self.max_side)
         self.seconds, self.count = self.seconds + time.perf_counter() - start, self.count + len(images)
         return probs
 
@@ -152,8 +174,8 @@ def predict_images(args, images, targets, timer, threshold, homographies) -> Non
             out["kitti"] = out["prob"]
             if args.bev:
                 out = {kind: metrics.to_bev(a, homographies[p]) for kind, a in out.items()}
-            for kind in written:
-                Image.fromarray(out[kind]).save(targets[(p, kind)])
+            for kind in written:  # whole files only: a stop never leaves a truncated PNG under a final name
+                runs.save_atomic(targets[(p, kind)], lambda t, a=out[kind]: Image.fromarray(a).save(t, format="PNG"))
             if bar is None:
                 print(f"{p}: {road.mean():.1%} road -> {', '.join(str(targets[(p, kind)]) for kind in written)}")
         if bar is not None:
@@ -167,16 +189,25 @@ def predict_videos(videos, targets, timer, threshold, uncertain, video_io) -> No
     import keras
     import numpy as np
 
-    for video in videos:
-        reader = video_io.get_reader(video)
-        writer = video_io.get_writer(targets[(video, "video")], fps=reader.get_meta_data().get("fps", 25))
-        bar = keras.utils.Progbar(None, unit_name="frame")
-        with reader, writer:
-            frames = iter(reader)
-            while batch := [np.asarray(f)[..., :3] for f in itertools.islice(frames, CHUNK)]:
+    def overlay_video(video, tmp):
+        try:
+            reader = video_io.get_reader(video)
+            fps = reader.get_meta_data().get("fps", 25)
+        except Exception as e:  # ffmpeg's own words on an empty, truncated or foreign file
+            raise errors.UserError(f"{video}: not a readable video ({str(e).strip().splitlines()[0][:200]})") from None
+        bar, frames = keras.utils.Progbar(None, unit_name="frame"), 0
+        with reader, video_io.get_writer(tmp, fps=fps) as writer:
+            frames_left = iter(reader)  # one iterator: iterating the reader again would start over
+            while batch := [np.asarray(f)[..., :3] for f in itertools.islice(frames_left, CHUNK)]:
                 for image, prob in zip(batch, timer.predict(batch), strict=True):
                     writer.append_data(render(image, prob, threshold, uncertain)[1])
                 bar.add(len(batch))
+                frames += len(batch)
+            if not frames:
+                raise errors.UserError(f"{video}: no frame could be read; is it a video, and complete?")
+
+    for video in [v for v in videos if (v, "video") in targets]:
+        runs.save_atomic(targets[(video, "video")], lambda tmp, video=video: overlay_video(video, tmp))
         print(f"\n{video} -> {targets[(video, 'video')]}")
 
 
@@ -189,15 +220,16 @@ def main(argv=None) -> int:
         videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
         images = [p for p in paths if p not in videos]
         targets = plan(args, images, videos)
+        images = [p for p in images if any(key[0] == p for key in targets)]
         video_io = imageio() if videos else None
         homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
         path = predict.model_path(args.model)
-        model = predict.load(path)
+        model = predict.load(path, precision=args.precision)
         threshold = args.threshold if args.threshold is not None else runs.best_threshold(path) or 0.5
         for folder in {t.parent for t in targets.values()}:
             folder.mkdir(parents=True, exist_ok=True)
-        print(f"model {path}, threshold {threshold:.3f}")
-        timer = Timer(model, args.batch_size)
+        print(f"model {path} in {model.precision}, threshold {threshold:.3f}")
+        timer = Timer(model, args.batch_size, args.max_side)
         predict_images(args, images, targets, timer, threshold, homographies)
         predict_videos(videos, targets, timer, threshold, args.uncertain, video_io)
         timer.report()

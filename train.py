@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from segnet import errors
+from segnet import errors, runs
 from segnet.config import check_overrides, register
 
 register()
@@ -23,6 +23,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if problem := check_overrides(sys.argv[1:]):
-        sys.exit(f"error: {problem}")
+    with errors.reported():  # before Hydra starts: a typo in a key, outputs that cannot be written
+        if problem := check_overrides(sys.argv[1:]):
+            raise errors.ConfigError(problem)
+        runs.check_outputs(sys.argv[1:])
     main()

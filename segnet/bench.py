@@ -89,10 +89,11 @@ def count_flops(model: keras.Model, height: int, width: int) -> float:
 
 
 def run(cfg, repeats: int) -> dict:
-    from segnet import data
+    from segnet import config, data
     from segnet.model import build
     from segnet.train import compiled_model, set_precision, train_step
 
+    config.validate(cfg)
     keras.utils.set_random_seed(0)
     precision = set_precision(cfg.trainer.precision)
     t = cfg.trainer

@@ -31,24 +31,31 @@ Task = Choice("Task", {n: n for n in ("road", "lane")})
 Space = Choice("Space", {n: n for n in ("perspective", "bev")})
 ModelName = Choice("ModelName", {n: n for n in ("fcn8", "fcn16", "fcn32")})
 
+MIN_SIDE = 32  # image sides: the encoder halves them five times
+
+
+def bounds(lo=None, hi=None, *, open_lo=False, open_hi=False, length=None):
+    """A field whose value (each value, for a list of `length`) lies between lo and hi; see check_values."""
+    return field(default=MISSING, metadata={"bounds": (lo, hi, open_lo, open_hi), "length": length})
+
 
 @dataclass
 class SyntheticConfig:
-    num_train: int = MISSING
-    num_test: int = MISSING
-    height: int = MISSING
-    width: int = MISSING
+    num_train: int = bounds(1)
+    num_test: int = bounds(0)
+    height: int = bounds(MIN_SIDE)
+    width: int = bounds(MIN_SIDE)
     seed: int = MISSING
 
 
 @dataclass
 class AugmentConfig:
     flip: bool = MISSING
-    scale: list[float] = MISSING  # [min, max]; [1, 1] switches it off
-    brightness: float = MISSING  # max delta on [0, 1] intensities
-    contrast: float = MISSING  # max relative change
-    saturation: float = MISSING
-    hue: float = MISSING
+    scale: list[float] = bounds(0, 10, open_lo=True, length=2)  # [min, max]; [1, 1] switches it off
+    brightness: float = bounds(0, 1)  # max delta on [0, 1] intensities
+    contrast: float = bounds(0, 1, open_hi=True)  # max relative change
+    saturation: float = bounds(0, 1, open_hi=True)
+    hue: float = bounds(0, 0.5)
 
 
 @dataclass
@@ -58,10 +65,10 @@ class DatasetConfig:
     synthetic: SyntheticConfig | None = MISSING  # set: generate the dataset at root first
     task: Task = MISSING  # lane: um_lane ground truth (um only)
     categories: list[str] = MISSING
-    val_per_category: int = MISSING  # the last N of each category (at most a third)
-    val_fraction: float | None = MISSING  # instead: this fraction of each category, the last ones
+    val_per_category: int = bounds(0)  # the last N of each category (at most a third)
+    val_fraction: float | None = bounds(0, 1, open_hi=True)  # instead: this fraction of each category, the last ones
     val_list: str | None = MISSING  # instead: a text file of validation names (um_000079, ...)
-    train_size: list[int] = MISSING  # [H, W] the network trains at
+    train_size: list[int] = bounds(MIN_SIDE, length=2)  # [H, W] the network trains at
     train_mode: TrainMode = MISSING  # resize: whole frame scaled to train_size | crop: random crops at native scale
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: Cache = MISSING  # memory: decoded once per run | disk: memory-mapped, reused by later runs
@@ -71,22 +78,22 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     name: ModelName = MISSING
-    width: float = MISSING  # multiplies every VGG16 channel count (1.0 is the real VGG16)
-    fc6_kernel: int = MISSING
+    width: float = bounds(0, 4, open_lo=True)  # multiplies every VGG16 channel count (1.0 is the real VGG16)
+    fc6_kernel: int = bounds(1, 7)  # pool5 is 1/32 of the image: 7 already sees 224 pixels
     batch_norm: bool = MISSING
-    dropout: float = MISSING
+    dropout: float = bounds(0, 1, open_hi=True)
     weights: str | None = MISSING  # null | imagenet | path to a VGG16 .h5
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING  # per replica
-    steps_per_epoch: int | None = MISSING  # null: one pass over the training images
-    lr: float = MISSING
-    warmup_epochs: float = MISSING
-    weight_decay: float = MISSING
-    class_weights: list[float] | None = MISSING  # [non-road, road]
+    epochs: int = bounds(1)
+    batch_size: int = bounds(1)  # per replica
+    steps_per_epoch: int | None = bounds(1)  # null: one pass over the training images
+    lr: float = bounds(0, 1, open_lo=True)
+    warmup_epochs: float = bounds(0)
+    weight_decay: float = bounds(0, 1)
+    class_weights: list[float] | None = bounds(0, length=2)  # [non-road, road]
     precision: Precision = MISSING
     jit_compile: bool = MISSING
     resume: bool = MISSING
@@ -94,8 +101,8 @@ class TrainerConfig:
     scale_lr: bool = MISSING
     backup: bool = MISSING
     deterministic: bool = MISSING
-    val_every: int = MISSING
-    log_images: int = MISSING
+    val_every: int = bounds(1)
+    log_images: int = bounds(0)
 
 
 @dataclass
@@ -111,6 +118,7 @@ class Config:
 class EvalConfig:
     run: str | None = MISSING  # run folder or .keras file; null: the newest run under outputs/
     space: Space = MISSING
+    precision: Precision = MISSING  # of a .keras model; auto: bfloat16 where the CPU has it (exports: float32)
     pred_dir: str | None = MISSING  # score these 8-bit maps (any method's) instead of running a model
     gt_dir: str | None = MISSING  # null: <dataset.root>/training/gt_image_2
 
@@ -142,6 +150,49 @@ def compose(overrides=(), name: str = "config"):
 
 
 GROUPS = ("dataset", "model", "trainer", "experiment")  # config groups: `dataset=kitti` picks a file, not a key
+
+
+def check_values(cfg, schema=Config, path: str = "") -> list[str]:
+    """Every value of cfg outside the bounds its schema field gives, as "key=value: must be ..." lines."""
+    problems = []
+    for f in fields(schema):
+        key, value = path + f.name, cfg[f.name]
+        hint = get_type_hints(schema)[f.name]
+        node = next((t for t in (hint, *get_args(hint)) if is_dataclass(t)), None)
+        if node is not None and value is not None:
+            problems += check_values(value, node, f"{key}.")
+        if "bounds" not in f.metadata or value is None:
+            continue
+        (lo, hi, open_lo, open_hi), length = f.metadata["bounds"], f.metadata["length"]
+        values = list(value) if length else [value]
+        shown = f"[{','.join(map(str, values))}]" if length else str(value)
+        if length and len(values) != length:
+            problems.append(f"{key}={shown}: give {length} values")
+            continue
+        for v in values:
+            # Negated comparisons, so that NaN fails them too.
+            if lo is not None and not (v > lo if open_lo else v >= lo):
+                problems.append(f"{key}={shown}: must be {'above' if open_lo else 'at least'} {lo}")
+            elif hi is not None and not (v < hi if open_hi else v <= hi):
+                problems.append(f"{key}={shown}: must be {'below' if open_hi else 'at most'} {hi}")
+            else:
+                continue
+            break
+    if path == "" and "dataset" in cfg:
+        scale = list(cfg.dataset.augment.scale)
+        if len(scale) == 2 and scale[0] > scale[1]:
+            problems.append(f"dataset.augment.scale=[{scale[0]},{scale[1]}]: give [min, max], min first")
+        if not cfg.dataset.categories:
+            problems.append("dataset.categories=[]: name at least one category (um, umm, uu)")
+    return problems
+
+
+def validate(cfg, schema=Config) -> None:
+    """Refuse a config with values out of range, all of them named, before any work starts."""
+    from segnet.errors import ConfigError
+
+    if problems := check_values(cfg, schema):
+        raise ConfigError("; ".join(problems))
 
 
 def check_overrides(args: list[str], schema=Config) -> str | None:

@@ -21,6 +21,11 @@ def model_path(model=None, outputs="outputs") -> Path:
         return runs.best_model(outputs)
     path = Path(model)
     if path.is_dir() and not (path / "saved_model.pb").exists():
+        if not (path / runs.BEST).exists():
+            raise UserError(
+                f"{path}: a folder that is neither a run (no {runs.BEST}) nor a SavedModel (no saved_model.pb); "
+                "pass a run folder, a .keras file or an export of segnet.export"
+            )
         path = path / runs.BEST
     if not path.exists():
         raise FileNotFoundError(
@@ -39,13 +44,38 @@ def keras_function(model: keras.Model):
     return lambda batch: road_probability(np.asarray(model.predict_on_batch(batch.astype("float32")), "float32"))
 
 
-def load(model=None, outputs="outputs"):
-    """A function uint8 (B, H, W, 3) -> road probability (B, H, W) float32, for any kind of model."""
+def load(model=None, outputs="outputs", precision: str = "auto"):
+    """A function uint8 (B, H, W, 3) -> road probability (B, H, W) float32, for any kind of model.
+
+    precision (for .keras checkpoints): auto is the fastest this machine runs (bfloat16 on AVX512-BF16/AMX);
+    exports always compute in float32. The function's `precision` attribute says which one runs.
+    """
     path = model_path(model, outputs)
+    if str(precision) != "auto" and str(precision) != "float32" and path.suffix != ".keras":
+        raise UserError(f"{path}: exports compute in float32 only; drop the precision or pass a .keras model")
+    try:
+        fn = _load(path, precision)
+    except (MissingExtra, UserError):
+        raise
+    except Exception as e:  # each runtime fails its own way on a damaged file or another program's model
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path}: not a segnet model, or damaged ({first}); pass a run folder, a .keras checkpoint or an "
+            "export that segnet wrote (python -m segnet.export)"
+        ) from None
+    fn.precision = getattr(fn, "precision", "float32")
+    return fn
+
+
+def _load(path: Path, precision: str):
     if path.suffix == ".keras":
-        # In the precision this machine runs fastest (the checkpoint keeps the one it was trained in).
         model = keras.models.load_model(path, compile=False)
-        return keras_function(segnet.model.with_precision(model, segnet.model.auto_precision()))
+        if model.inputs[0].shape[-1] != 3 or model.outputs[0].shape[-1] != 2:
+            raise UserError(f"{path}: a Keras model, but not segnet's (it wants RGB in, two class scores out)")
+        precision = segnet.model.auto_precision() if str(precision) == "auto" else str(precision)
+        fn = keras_function(segnet.model.with_precision(model, precision))
+        fn.precision = precision
+        return fn
     if path.is_dir():
         import tensorflow as tf
 
@@ -59,6 +89,8 @@ def load(model=None, outputs="outputs"):
         except ImportError:
             raise MissingExtra(f"{path}: running .onnx models", "export") from None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if [i.name for i in session.get_inputs()] != ["image"]:
+            raise UserError(f"{path}: an ONNX model, but not segnet's (no input named 'image')")
         return lambda batch: session.run(["road_probability"], {"image": batch})[0]
     raise UserError(f"{path}: not a model segnet can load (.keras, SavedModel folder, .tflite, .onnx)")
 
@@ -67,7 +99,10 @@ def tflite_function(path: Path):
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=None)
-    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1 or inputs[0]["dtype"] != np.uint8:
+        raise UserError(f"{path}: a TFLite model, but not segnet's (it wants one uint8 image in, one map out)")
+    (inp,), (out,) = inputs, outputs
     shape = None
 
     def run(batch):
@@ -83,24 +118,35 @@ def tflite_function(path: Path):
     return run
 
 
-def predict(model, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+def predict(model, images: list[np.ndarray], batch_size: int = 4, max_side: int | None = None) -> list[np.ndarray]:
     """Road probability (float32, HxW) for each uint8 RGB image, each at its own resolution.
 
     `model` is a keras.Model or a function from `load`. Images of one size go through together; the model
-    pads and crops, so any size works.
+    pads and crops, so any size works. An image whose longer side exceeds max_side is predicted shrunk to it
+    and its probabilities brought back to full size, which bounds memory and time on huge photos.
     """
     fn = keras_function(model) if isinstance(model, keras.Model) else model
     out = [None] * len(images)
     by_size = {}
     for i, im in enumerate(images):
         by_size.setdefault(im.shape, []).append(i)
-    for idx in by_size.values():
+    for (h, w, _), idx in by_size.items():
+        f = min(1.0, max_side / max(h, w)) if max_side else 1.0
+        small = (max(1, round(h * f)), max(1, round(w * f)))
         for k in range(0, len(idx), batch_size):
             chunk = idx[k : k + batch_size]
-            probs = fn(np.stack([images[i] for i in chunk]).astype("uint8"))
-            for i, p in zip(chunk, probs, strict=True):
-                out[i] = np.asarray(p, "float32")
+            batch = np.stack([images[i] if f == 1.0 else resize(images[i], small) for i in chunk]).astype("uint8")
+            for i, p in zip(chunk, fn(batch), strict=True):
+                p = np.asarray(p, "float32")
+                out[i] = p if f == 1.0 else resize(p, (h, w))
     return out
+
+
+def resize(array: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize of an RGB uint8 image or a float32 map to size = (H, W)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(array).resize(size[::-1], Image.BILINEAR))
 
 
 def overlay(image: np.ndarray, road: np.ndarray, color=(0, 255, 0), alpha: float = 0.45, uncertain=None) -> np.ndarray:

@@ -35,10 +35,59 @@ EXPORTS = "exports"
 
 
 def save_atomic(path: Path, write) -> None:
-    """write(tmp) then rename onto path, so that path holds the old file or the whole new one."""
+    """write(tmp) then rename onto path, so that path holds the old file or the whole new one.
+
+    A failed write (a full disk, Ctrl-C) removes its temporary file; a full disk says what is kept.
+    """
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the earlier version is kept" if path.exists() else "nothing was written under that name"
+        raise UserError(
+            f"{path}: could not write it ({e.strerror or e}); {kept}. Free some space or choose another folder"
+        ) from None
+
+
+def writable_folder(path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot hold outputs: a file in its way, or no write permission."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what}={path}: {existing} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{what}={path}: {existing} is not writable; choose another {what}")
+
+
+def check_outputs(args: list[str]) -> None:
+    """Before Hydra makes the run folder: outputs= and hydra.run.dir= of a command line must be writable folders."""
+    given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith(("+", "~")))
+    writable_folder(given.get("outputs", "outputs"), "outputs")
+    if "${" not in given.get("hydra.run.dir", "${"):
+        writable_folder(given["hydra.run.dir"], "hydra.run.dir")
+
+
+def check_space(run_dir: Path, model) -> None:
+    """Before the first epoch: the run folder takes a file, and has room for the checkpoints of this model."""
+    probe = run_dir / CKPT / ".write-test"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"segnet")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot write there ({e.strerror or e}); choose another outputs=...") from None
+    # Two last-epoch files (weights and Adam's two moments, old and new) and the best model, in float32.
+    need = 7 * 4 * model.count_params()
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(
+            f"{run_dir}: {free >> 20} MiB free, but this model's checkpoints need about {need >> 20} MiB; "
+            "free some space or choose another outputs=..."
+        )
 
 
 def write_json(path: Path, obj) -> None:

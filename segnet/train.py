@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import ops
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
-from segnet import data, distribute, metrics, predict, runs
+from segnet import config, data, distribute, metrics, predict, runs
 from segnet.errors import ConfigError, Interrupted, LostWorker, NonFiniteLoss, UserError
 from segnet.model import POLICIES, auto_precision, build
 
@@ -123,6 +123,9 @@ class Records:
         scores = {}
         if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
             scores = self.validate_and_log(done)
+        elif not self.val_images:  # nothing to choose by: the last epoch is the model infer.py will find
+            self.inference_model.set_weights(self.model.get_weights())
+            runs.save_best(self.run_dir, self.inference_model, {"epoch": done, "note": "no validation images"})
         self.state.update(epoch=done, loss=logs["loss"])
         runs.save_last(self.run_dir, self.model, self.state)
         return scores
@@ -302,6 +305,7 @@ def train(cfg, run_dir: Path) -> dict:
     writes, the others write nothing.
     """
     start = time.time()
+    config.validate(cfg)
     t = cfg.trainer
     strategy, precision = setup(cfg)
     chief = strategy.extended.should_checkpoint
@@ -319,6 +323,8 @@ def train(cfg, run_dir: Path) -> dict:
     with strategy.scope():
         model = compiled_model(cfg, steps, lr)
     state = start_state(cfg, run_dir, model, chief)
+    if chief:
+        runs.check_space(run_dir, model)
     done = state.get("epoch", 0)
     if not same_everywhere(strategy, done):
         raise UserError(
@@ -350,8 +356,12 @@ def train(cfg, run_dir: Path) -> dict:
     minutes = (time.time() - start) / 60
     if chief:
         records.finish()
-        best, at = state.get("best", float("nan")), state.get("best_epoch", "-")
-        print(f"done in {minutes:.1f} min: best val MaxF {best:.4f} at epoch {at} | run: {run_dir}")
+        if "best" in state:
+            print(
+                f"done in {minutes:.1f} min: best val MaxF {state['best']:.4f} at epoch {state['best_epoch']} | run: {run_dir}"
+            )
+        else:
+            print(f"done in {minutes:.1f} min: no validation images, best.keras is the last epoch | run: {run_dir}")
     else:
         print(f"done in {minutes:.1f} min; this worker writes nothing, the chief writes the run")
     return {**state, "minutes": minutes}

@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY, compose
 
 from segnet import runs
+from segnet.errors import UserError
 
 
 def fake_run(outputs, name, state_time, best_time=None, **state):
@@ -74,6 +75,6 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
         tmp.write_text('{"epo')
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="state.json: could not write it \\(disk full\\); the earlier version is kept"):
         runs.save_atomic(path, broken)
-    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert json.loads(path.read_text()) == {"epoch": 1} and list(tmp_path.iterdir()) == [path]
