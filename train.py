@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from segnet import errors, runs
@@ -14,12 +15,16 @@ register()
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """One training run; returns its best validation MaxF, the objective of `-m hparams_search=...`."""
     from segnet.train import train
 
     OmegaConf.resolve(cfg)
-    with errors.reported(debug=HydraConfig.get().verbose):  # hydra.verbose=true: the full traceback
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    with errors.reported(debug=hydra_cfg.verbose):  # hydra.verbose=true: the full traceback
+        # In a sweep started again, a job whose config has finished already is not trained twice.
+        state = train(cfg, Path(hydra_cfg.runtime.output_dir), skip_finished=hydra_cfg.mode == RunMode.MULTIRUN)
+    return state.get("best", float("nan"))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Hydra overrides of the training config.
 """
 
 import argparse
+import collections
 import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,6 +151,7 @@ def run(cfg, repeats: int) -> dict:
 def table(r: dict) -> str:
     p = r["peak_gflops"]
     rows = [
+        ("machine", f"{r.get('cpu', cpu_name())}: {' '.join(r.get('units') or cpu_units()) or 'no AVX2'}"),
         ("model", f"{r['model']}, {r['precision']}, trains at {r['train_size'][0]}x{r['train_size'][1]}"),
         ("peak matmul GFLOP/s", f"float32 {p['matmul_float32']:.0f}, bfloat16 {p['matmul_bfloat16']:.0f}"),
         ("peak conv 3x3 GFLOP/s", f"float32 {p['conv3x3_float32']:.0f}, bfloat16 {p['conv3x3_bfloat16']:.0f}"),
@@ -164,10 +167,68 @@ def table(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+UNITS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_units() -> list[str]:
+    """The vector and matrix units of this CPU that oneDNN's bfloat16 and int8 kernels use."""
+    info = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in info.read_text().splitlines() if line.startswith("flags")),
+                 []) if info.exists() else []  # fmt: skip
+    return [u for u in UNITS if u in flags]
+
+
+def kernels(overrides: list[str], steps: int = 3) -> list[dict]:
+    """The oneDNN kernels that training steps run, and their share of oneDNN's time, from its verbose log.
+
+    A child process runs one warm-up and `steps` training steps with ONEDNN_VERBOSE=1 (it must be set before
+    oneDNN starts); each executed primitive is a line "...,exec,cpu,<kind>,<implementation>,<propagation>,
+    ...,<ms>". The implementation names the instruction set: avx512_core_amx is AMX, avx512_core_bf16 is
+    AVX-512 BF16, ref is a reference (slow) kernel; reorders are layout conversions.
+    """
+    code = f"import sys; from segnet.bench import kernel_steps; kernel_steps(sys.argv[1:], {steps})"
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the oneDNN verbose run failed: {out.stderr[-2000:]}")
+    times = collections.Counter()
+    for line in out.stdout.splitlines():
+        parts = line.split(",")
+        if line.startswith("onednn_verbose") and len(parts) > 8 and parts[3] == "exec":
+            times[(parts[5], parts[7], parts[6])] += float(parts[-1])
+    total = sum(times.values()) or 1.0
+    return [{"kind": k, "propagation": p, "kernel": i, "ms": ms, "share": ms / total}
+            for (k, p, i), ms in times.most_common()]  # fmt: skip
+
+
+def kernel_steps(overrides: list[str], steps: int) -> None:
+    """The child of `kernels`: training steps of the configured model on one fixed batch."""
+    from segnet.config import compose
+    from segnet.train import compiled_model, set_precision, train_step
+
+    cfg = compose(overrides)
+    set_precision(cfg.trainer.precision)
+    model = compiled_model(cfg, steps_per_epoch=100)
+    h, w = cfg.dataset.train_size
+    batch = (np.zeros((cfg.trainer.batch_size, h, w, 3), "float32"), np.ones((cfg.trainer.batch_size, h, w), "uint8"))
+    step = train_step(tf.distribute.get_strategy(), model)
+    batches = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    for _ in range(steps + 1):
+        step(batches)
+
+
+def kernel_table(rows: list[dict], top: int = 12) -> str:
+    lines = [
+        f"  {r['share']:5.1%}  {r['ms']:8.1f} ms  {r['kind']} {r['propagation']}: {r['kernel']}" for r in rows[:top]
+    ]
+    return "\n".join(["oneDNN kernels in training steps (share of oneDNN time):", *lines])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", type=Path, default=Path("outputs/bench.json"))
+    ap.add_argument("--kernels", action="store_true", help="also list the oneDNN kernels a training step runs")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args, overrides = ap.parse_known_args(argv)
 
@@ -179,8 +240,11 @@ def main(argv=None) -> int:
         if problem := check_overrides(overrides):
             raise ConfigError(problem)
         result = run(compose(overrides), args.repeats)
-    result["cpu"] = cpu_name()
+    result["cpu"], result["units"] = cpu_name(), cpu_units()
     print(table(result))
+    if args.kernels:
+        result["kernels"] = kernels(overrides)
+        print(kernel_table(result["kernels"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"json: {args.json}")

@@ -103,6 +103,8 @@ class TrainerConfig:
     deterministic: bool = MISSING
     val_every: int = bounds(1)
     log_images: int = bounds(0)
+    patience: int | None = bounds(1)  # stop after this many validations without a better MaxF; null: never
+    ema: float | None = bounds(0, 1, open_lo=True, open_hi=True)  # validate and save an EMA of the weights
 
 
 @dataclass
@@ -149,7 +151,7 @@ def compose(overrides=(), name: str = "config"):
         return hydra_compose(name, overrides=list(overrides))
 
 
-GROUPS = ("dataset", "model", "trainer", "experiment")  # config groups: `dataset=kitti` picks a file, not a key
+GROUPS = ("dataset", "model", "trainer", "experiment", "hparams_search")  # `dataset=kitti` picks a file, not a key
 
 
 def check_values(cfg, schema=Config, path: str = "") -> list[str]:
@@ -199,7 +201,7 @@ def check_overrides(args: list[str], schema=Config) -> str | None:
     """An error message for the first command-line override whose key is not in the schema, else None."""
     for arg in args:
         key = arg.split("=", 1)[0]
-        if "=" not in arg or arg.startswith(("-", "+", "~")) or key in GROUPS or key.startswith("hydra."):
+        if "=" not in arg or arg.startswith(("-", "+", "~")) or key in GROUPS or key.startswith(("hydra.", "hydra/")):
             continue
         node, path = schema, []
         for part in key.split("."):

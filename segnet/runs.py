@@ -67,6 +67,7 @@ def check_outputs(args: list[str]) -> None:
     """Before Hydra makes the run folder: outputs= and hydra.run.dir= of a command line must be writable folders."""
     given = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith(("+", "~")))
     writable_folder(given.get("outputs", "outputs"), "outputs")
+    Path(given.get("outputs", "outputs")).mkdir(parents=True, exist_ok=True)  # an Optuna study is stored there
     if "${" not in given.get("hydra.run.dir", "${"):
         writable_folder(given["hydra.run.dir"], "hydra.run.dir")
 
@@ -109,6 +110,15 @@ def newest(outputs, config: str | None = None) -> Path | None:
     if config is not None:
         runs = [r for r in runs if read_state(r).get("config") == config]
     return max(runs, key=lambda r: (r / STATE).stat().st_mtime, default=None)
+
+
+def finished(cfg) -> Path | None:
+    """The newest finished run of this very config under outputs/ (a sweep started again skips it)."""
+    key = config_key(cfg)
+    done = [r for r in (p.parents[1] for p in Path(cfg.outputs).glob(f"**/{STATE}")) if read_state(r).get("finished")]
+    return max(
+        (r for r in done if read_state(r).get("config") == key), key=lambda r: (r / STATE).stat().st_mtime, default=None
+    )
 
 
 def best_model(outputs) -> Path:

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from omegaconf import OmegaConf
+from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
 from segnet import config, data, distribute, metrics, predict, runs
@@ -95,11 +97,36 @@ def log_pr_curve(counts: metrics.Counts, step: int) -> None:
     tf.summary.write("road/pr_curves", table, step=step, metadata=meta.SerializeToString())
 
 
-def panel(image, label, prob) -> np.ndarray:
-    """image | ground truth | prediction, stacked vertically (KITTI frames are wide)."""
-    gt = predict.overlay(image, label == 1)
-    gt[label == data.IGNORE] //= 3  # outside the evaluation area: darkened
-    return np.concatenate([image, gt, predict.overlay(image, prob >= 0.5)], axis=0)
+# TensorBoard tags: the loss first, then the road measures, then the schedule (groups sort by name).
+TAGS = {"loss": "loss", "maxf": "road/maxf", "ap": "road/ap", "best_thresh": "road/best_thresh",
+        "road_iou": "road/iou", "f1": "road/f1", "precision": "road/precision", "recall": "road/recall"}  # fmt: skip
+TP, FP, FN = (0, 200, 0), (230, 30, 30), (40, 90, 255)
+KITTI_ROAD = (255, 0, 255)
+
+
+def panel(image, label, prob, name: str = "") -> np.ndarray:
+    """Three labelled rows: the image, the ground truth (KITTI's magenta; outside the evaluation area dark),
+    and the prediction's errors: true positives green, false positives red, false negatives blue."""
+    from PIL import Image, ImageDraw
+
+    valid, road, pred = label != data.IGNORE, label == 1, prob >= 0.5
+    gt = predict.overlay(image, road, color=KITTI_ROAD)
+    gt[~valid] //= 3
+    errors = predict.overlay(image, pred & road & valid, color=TP)
+    errors = predict.overlay(errors, pred & ~road & valid, color=FP)
+    errors = predict.overlay(errors, ~pred & road & valid, color=FN)
+    rows = []
+    for row, text in ((image, name), (gt, "ground truth: road magenta, outside the evaluation area dark"),
+                      (errors, "prediction at p >= 0.5: right green, false road red, missed road blue")):  # fmt: skip
+        bar = Image.new("RGB", (row.shape[1], 12), (0, 0, 0))
+        ImageDraw.Draw(bar).text((2, 0), text, fill=(255, 255, 255))
+        rows += [np.asarray(bar), row]
+    return np.concatenate(rows, axis=0)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over n items: validation frames from every category, not k neighbours."""
+    return sorted({round(i) for i in np.linspace(0, n - 1, min(k, n))}) if n and k else []
 
 
 class Records:
@@ -107,51 +134,107 @@ class Records:
 
     def __init__(self, run_dir: Path, model, val, inference_model, cfg, state: dict):
         self.run_dir, self.model, self.cfg, self.state = run_dir, model, cfg, state
-        self.val_images, self.val_labels = val
+        self.val_names, self.val_images, self.val_labels = val
         self.inference_model = inference_model
-        self.writers = {k: tf.summary.create_file_writer(str(run_dir / "logs" / k)) for k in ("train", "validation")}
+        self.start = time.time() - 60 * state.get("minutes", 0.0)
+        logs = run_dir / "logs"
+        self.writers = {k: tf.summary.create_file_writer(str(logs / k)) for k in ("train", "validation")}
+        # The run's hyperparameters, and the best scores so far, for TensorBoard's HParams table: one row per run.
+        self.writers["hparams"] = tf.summary.create_file_writer(str(logs))
+        with self.writers["hparams"].as_default():
+            hp.hparams(hparams(cfg), trial_id=trial_id(run_dir, cfg.outputs))
+        if not state.get("epoch"):  # the schedule from its first step, so that the warm-up shows
+            with self.writers["train"].as_default(step=0):
+                tf.summary.scalar("schedule/learning_rate", self.learning_rate())
         (run_dir / runs.CKPT).mkdir(parents=True, exist_ok=True)
+
+    def learning_rate(self) -> float:
+        return float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def epoch_end(self, done: int, logs: dict) -> dict:
         """Log, validate and checkpoint the epoch just finished; return the validation scores."""
-        lr = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
         with self.writers["train"].as_default(step=done):
             for k, v in logs.items():
-                tf.summary.scalar(k, v)
-            tf.summary.scalar("learning_rate", lr)
+                tf.summary.scalar(TAGS[k], v)
+            tf.summary.scalar("schedule/learning_rate", self.learning_rate())
         self.writers["train"].flush()
-        scores = {}
-        if self.val_images and (done % self.cfg.trainer.val_every == 0 or done == self.cfg.trainer.epochs):
+        scores, every = {}, self.cfg.trainer.val_every
+        if not self.val_images or done % every == 0 or done == self.cfg.trainer.epochs:
+            self.inference_model.set_weights(inference_weights(self.model))
+        if self.val_images and (done % every == 0 or done == self.cfg.trainer.epochs):
             scores = self.validate_and_log(done)
         elif not self.val_images:  # nothing to choose by: the last epoch is the model infer.py will find
-            self.inference_model.set_weights(self.model.get_weights())
             runs.save_best(self.run_dir, self.inference_model, {"epoch": done, "note": "no validation images"})
-        self.state.update(epoch=done, loss=logs["loss"])
+        self.state.update(epoch=done, loss=logs["loss"], minutes=(time.time() - self.start) / 60)
+        with self.writers["hparams"].as_default(step=done):
+            for k in ("maxf", "ap", "road_iou"):
+                if f"best_{k}" in self.state:
+                    tf.summary.scalar(f"hparams/best_{k}", self.state[f"best_{k}"])
+            tf.summary.scalar("hparams/minutes", self.state["minutes"])
+        self.writers["hparams"].flush()
         runs.save_last(self.run_dir, self.model, self.state)
         return scores
 
     def validate_and_log(self, done: int) -> dict:
         """Validation scores, TensorBoard panels and PR curve; a new best MaxF is saved as best.keras."""
-        self.inference_model.set_weights(self.model.get_weights())
         scores, probs, counts = validate(
             self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
         )
         with self.writers["validation"].as_default(step=done):
             for k, v in scores.items():
-                tf.summary.scalar(k, v)
-            for i in range(min(self.cfg.trainer.log_images, len(probs))):
-                p = panel(self.val_images[i], self.val_labels[i], probs[i])
-                tf.summary.image(f"panel/{i}", p[None], step=done)
+                tf.summary.scalar(TAGS[k], v)
+            for i in spread(len(probs), self.cfg.trainer.log_images):
+                p = panel(self.val_images[i], self.val_labels[i], probs[i], self.val_names[i])
+                tf.summary.image(f"panel/{self.val_names[i]}", p[None], step=done)
             log_pr_curve(counts, done)
         self.writers["validation"].flush()
         if scores["maxf"] > self.state.get("best", -1.0):
             self.state.update(best=scores["maxf"], best_epoch=done)
+            self.state.update({f"best_{k}": scores[k] for k in ("maxf", "ap", "road_iou")})
             runs.save_best(self.run_dir, self.inference_model, {"epoch": done, **scores})
         return scores
+
+    def should_stop(self, done: int) -> bool:
+        return out_of_patience(self.state, done, self.cfg.trainer.patience, self.cfg.trainer.val_every)
 
     def finish(self) -> None:
         self.state["finished"] = True  # the same command, started again, now trains a new run
         runs.write_json(self.run_dir / runs.STATE, self.state)
+
+
+def out_of_patience(state: dict, done: int, patience: int | None, val_every: int) -> bool:
+    """Early stopping (trainer.patience): this many validations in a row without a better MaxF."""
+    return bool(patience and "best_epoch" in state and (done - state["best_epoch"]) // val_every >= patience)
+
+
+def trial_id(run_dir: Path, outputs) -> str:
+    """The run as the HParams table names it: its folder under outputs/ (a sweep's job: its number)."""
+    run, parent = Path(run_dir).resolve(), Path(outputs).resolve()
+    return str(run.relative_to(parent)) if run.is_relative_to(parent) else str(run)
+
+
+def hparams(cfg) -> dict:
+    """The config's values as flat "group.key" columns (paths left out: they differ between machines)."""
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in flat.items()
+            if not k.endswith(("root", "cache_dir", "outputs", "val_list")) and v is not None}  # fmt: skip
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def inference_weights(model) -> list:
+    """The weights to validate and save: with trainer.ema, the moving average of the trainable ones."""
+    opt = model.optimizer
+    if not getattr(opt, "use_ema", False):
+        return model.get_weights()
+    # Keras keeps the averages in the order of the variables the optimizer was built with (compiled_model).
+    average = {v.path: a for v, a in zip(model.trainable_variables, opt._model_variables_moving_average, strict=True)}
+    return [ops.convert_to_numpy(average.get(v.path, v)) for v in model.weights]
 
 
 def check_finite(loss: float, finished: int, batch: int) -> None:
@@ -173,7 +256,9 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, total - warmup), warmup_target=lr or t.lr, warmup_steps=warmup
     )
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
+    optimizer = keras.optimizers.AdamW(
+        schedule, weight_decay=t.weight_decay, use_ema=t.ema is not None, ema_momentum=t.ema or 0.99
+    )
     # Decay the convolution kernels only: shrinking biases and batch-norm scales only hurts.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     # compile() makes the optimizer part of the model's weights (for resuming) and, under float16, wraps it
@@ -231,15 +316,20 @@ def worker_input(samples, cfg, global_batch: int, skip_steps: int):
     return per_worker
 
 
-def same_everywhere(strategy, value: int) -> bool:
-    """Whether every worker holds this value (a cross-worker all-reduce; trivially true on one machine)."""
+def replica_sum(strategy, value: float) -> float:
+    """The sum of this value over every replica of every worker (an all-reduce; the value itself on one device)."""
     mine = tf.constant(float(value))
 
     @tf.function
     def total():
         return strategy.reduce("SUM", strategy.run(tf.identity, args=(mine,)), axis=None)
 
-    return float(total()) == value * strategy.num_replicas_in_sync
+    return float(total())
+
+
+def same_everywhere(strategy, value: int) -> bool:
+    """Whether every worker holds this value."""
+    return replica_sum(strategy, value) == value * strategy.num_replicas_in_sync
 
 
 def setup(cfg):
@@ -298,14 +388,17 @@ def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int) -> dict
     return {"loss": total / steps, **road_scores(counts)}
 
 
-def train(cfg, run_dir: Path) -> dict:
+def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
     """Train per the config, writing into run_dir; return the final state (epoch, best MaxF, ...).
 
     On several workers (MultiWorkerMirroredStrategy) every worker runs this; only the chief validates and
-    writes, the others write nothing.
+    writes, the others write nothing. skip_finished: if a run of this config has finished, return its state.
     """
     start = time.time()
     config.validate(cfg)
+    if skip_finished and (done := runs.finished(cfg)) is not None:
+        print(f"already trained: {done} holds a finished run of this config")
+        return runs.read_state(done)
     t = cfg.trainer
     strategy, precision = setup(cfg)
     chief = strategy.extended.should_checkpoint
@@ -337,7 +430,8 @@ def train(cfg, run_dir: Path) -> dict:
     if chief:
         # The network trains on train_size frames; its twin takes native frames, resizes them the same way
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
-        records = Records(run_dir, model, data.load(val_s), build(cfg.model, input_scale=scale), cfg, state)
+        val = ([s.name for s in val_s], *data.load(val_s))
+        records = Records(run_dir, model, val, build(cfg.model, input_scale=scale), cfg, state)
     verbose = 2 if os.environ.get("CI") else 1
     try:
         for epoch in range(done, t.epochs):
@@ -347,6 +441,9 @@ def train(cfg, run_dir: Path) -> dict:
             val = {f"val_{k}": v for k, v in scores.items()}
             print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **val}.items()))
             state["epoch"] = epoch + 1
+            if t.patience and replica_sum(strategy, chief and records.should_stop(epoch + 1)):  # chief decides
+                print(f"early stop: no better validation MaxF since epoch {state['best_epoch']} (trainer.patience)")
+                break
     except KeyboardInterrupt:
         # Every finished epoch is already on disk (written atomically); only the current one is lost.
         raise Interrupted(

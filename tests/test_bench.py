@@ -35,3 +35,12 @@ def test_bench_refuses_a_misspelled_override(capsys):
         bench.main(["model.widht=0.5"])
     assert exit.value.code == 2
     assert "did you mean model.width" in capsys.readouterr().err
+
+
+def test_bench_names_the_cpu_units_and_the_kernels_a_training_step_runs():
+    assert set(bench.cpu_units()) <= set(bench.UNITS)
+    rows = bench.kernels(["model.width=0.0625", "dataset.train_size=[64,96]", "trainer.batch_size=2"], steps=1)
+    kinds = {(r["kind"], r["propagation"]) for r in rows}
+    assert {("convolution", "forward_training"), ("convolution", "backward_weights")} <= kinds
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0) and all(r["kernel"] for r in rows)
+    assert "convolution forward_training" in bench.kernel_table(rows)

@@ -39,16 +39,39 @@ def test_tensorboard_holds_scalars_and_image_panels(run):
     _, run_dir, _ = run
     train_tags = event_tags(run_dir / "logs" / "train")
     val_tags = event_tags(run_dir / "logs" / "validation")
-    wanted = {"loss", "road_iou", "precision", "recall", "f1"}
-    assert wanted | {"learning_rate"} <= train_tags["scalars"]
-    assert wanted | {"maxf", "ap"} <= val_tags["scalars"]
-    assert {"panel/0", "panel/1"} <= val_tags["images"]
+    wanted = {"loss", "road/iou", "road/precision", "road/recall", "road/f1"}
+    assert wanted | {"schedule/learning_rate"} <= train_tags["scalars"]
+    assert wanted | {"road/maxf", "road/ap"} <= val_tags["scalars"]
+    # Panels from frames spread over the split (its first and last), named after them.
+    assert val_tags["images"] == {"panel/um_000004", "panel/uu_000005"}
     assert val_tags["pr_curves"] == {"road/pr_curves"}
+    (events,) = (run_dir / "logs" / "train").glob("events*")
+    lr = {e.step: float(tf.make_ndarray(v.tensor)) for e in tf.compat.v1.train.summary_iterator(str(events))
+          for v in e.summary.value if v.tag == "schedule/learning_rate"}  # fmt: skip
+    assert sorted(lr) == [0, 1, 2] and lr[0] == 0 < lr[1]  # from step 0: the warm-up shows
     (events,) = (run_dir / "logs" / "validation").glob("events*")
     tables = [tf.make_ndarray(v.tensor) for e in tf.compat.v1.train.summary_iterator(str(events))
               for v in e.summary.value if v.tag == "road/pr_curves"]  # fmt: skip
     assert len(tables) == 2 and tables[0].shape == (6, 256)  # TP, FP, TN, FN, precision, recall per threshold
     assert np.all((tables[0][4:] >= 0) & (tables[0][4:] <= 1)) and tables[0][5, 0] == 1  # recall 1 at p >= 0
+
+
+def test_panel_rows_are_labelled_and_errors_have_their_own_colours():
+    from segnet.train import FN, FP, TP, panel
+
+    image = np.full((40, 200, 3), 100, np.uint8)
+    label = np.zeros((40, 200), np.uint8)
+    label[:, :100] = 1  # road on the left
+    label[:5] = data.IGNORE
+    prob = np.zeros((40, 200), np.float32)
+    prob[:, 50:150] = 0.9  # right on 50..99, false road on 100..149, missed on 0..49
+    p = panel(image, label, prob, "um_000001")
+    assert p.shape == (3 * (12 + 40), 200, 3)
+    errors = p[2 * 52 + 12 :].astype(int)
+    for x, colour in ((75, TP), (125, FP), (25, FN)):
+        assert np.argmax(errors[20, x]) == np.argmax(colour), (x, errors[20, x])
+    assert (errors[20, 175] == 100).all()  # right non-road: untouched
+    assert p[:12].max() > 200 and p[52 : 52 + 12].max() > 200  # label bars carry white text
 
 
 def test_resume_continues_from_the_last_epoch(run, tmp_path):
