@@ -41,11 +41,13 @@ def evaluate(cfg, out: Path) -> dict:
     if not val:
         raise errors.DatasetError(f"the validation split of {root} is empty; set dataset.val_per_category")
     model = predict.load(e.run, cfg.outputs, precision=e.precision)
-    print(f"model {predict.model_path(e.run, cfg.outputs)} in {model.precision}")
+    print(
+        f"model {predict.model_path(e.run, cfg.outputs)} in {model.precision}" + (", mirror-averaged" if e.flip else "")
+    )
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
     for s in val:  # one at a time: KITTI frames differ in size, and this keeps memory flat
-        (prob,) = predict.predict(model, [data.read_image(s.image)])
+        (prob,) = predict.predict(model, [data.read_image(s.image)], flip=e.flip)
         Image.fromarray(metrics.to_uint8_prob(prob)).save(maps / s.gt.name)
     return metrics.evaluate_folder(maps, gt_dir, calib_dir, e.space, names=[s.gt.name for s in val])
 

@@ -83,6 +83,7 @@ def parse(argv):
                     help=".keras models: auto runs bfloat16 where the CPU has it (exports: float32)")  # fmt: skip
     ap.add_argument("--max-side", type=int, default=MAX_SIDE,
                     help="predict larger images shrunk to this longer side, masks at full size (bounds memory)")  # fmt: skip
+    ap.add_argument("--flip", action="store_true", help="average with the mirror image (twice the time)")
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written earlier")
     ap.add_argument("--resume", action="store_true", help="skip inputs whose outputs all exist (after a stop)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -125,18 +126,18 @@ def plan(args, images: list[Path], videos: list[Path]) -> dict:
 class Timer:
     """Predicts and times it; the first call for each image size (it builds the graph) goes before, untimed."""
 
-    def __init__(self, model, batch_size: int, max_side: int):
-        self.model, self.batch_size, self.max_side = model, batch_size, max_side
+    def __init__(self, model, batch_size: int, max_side: int, flip: bool = False):
+        self.model, self.batch_size, self.max_side, self.flip = model, batch_size, max_side, flip
         self.seconds, self.count, self.warm = 0.0, 0, set()
 
     def predict(self, images):
         from segnet import predict
 
         for shape, image in {im.shape: im for im in images if im.shape not in self.warm}.items():
-            predict.predict(self.model, [image], max_side=self.max_side)
+            predict.predict(self.model, [image], max_side=self.max_side, flip=self.flip)
             self.warm.add(shape)
         start = time.perf_counter()
-        probs = predict.predict(self.model, images, self.batch_size, self.max_side)
+        probs = predict.predict(self.model, images, self.batch_size, self.max_side, self.flip)
         self.seconds, self.count = self.seconds + time.perf_counter() - start, self.count + len(images)
         return probs
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         for folder in {t.parent for t in targets.values()}:
             folder.mkdir(parents=True, exist_ok=True)
         print(f"model {path} in {model.precision}, threshold {threshold:.3f}")
-        timer = Timer(model, args.batch_size, args.max_side)
+        timer = Timer(model, args.batch_size, args.max_side, args.flip)
         predict_images(args, images, targets, timer, threshold, homographies)
         predict_videos(videos, targets, timer, threshold, args.uncertain, video_io)
         timer.report()

@@ -121,6 +121,7 @@ class EvalConfig:
     run: str | None = MISSING  # run folder or .keras file; null: the newest run under outputs/
     space: Space = MISSING
     precision: Precision = MISSING  # of a .keras model; auto: bfloat16 where the CPU has it (exports: float32)
+    flip: bool = MISSING  # average with the mirror image (test-time augmentation, twice the time)
     pred_dir: str | None = MISSING  # score these 8-bit maps (any method's) instead of running a model
     gt_dir: str | None = MISSING  # null: <dataset.root>/training/gt_image_2
 

@@ -25,10 +25,15 @@ SUFFIX = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
 SIGNATURE = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")]
 
 
-def serving_function(model: keras.Model):
+def serving_function(model: keras.Model, flip: bool = False):
+    def probability(image):
+        return tf.nn.softmax(tf.cast(model(tf.cast(image, tf.float32), training=False), tf.float32))[..., 1]
+
     def road_probability(image):
-        logits = model(tf.cast(image, tf.float32), training=False)
-        return {"road_probability": tf.nn.softmax(tf.cast(logits, tf.float32))[..., 1]}
+        if not flip:
+            return {"road_probability": probability(image)}
+        mirror = tf.reverse(probability(tf.reverse(image, axis=[2])), axis=[2])
+        return {"road_probability": (probability(image) + mirror) / 2}  # as predict.mirrored
 
     return road_probability
 
@@ -40,10 +45,10 @@ def saved_model(model: keras.Model, fn, out: Path) -> None:
     archive.write_out(str(out), verbose=False)
 
 
-def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none") -> Path:
+def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none", flip: bool = False) -> Path:
     if quantize != "none" and fmt != "tflite":
         raise ConfigError(f"--quantize {quantize} applies to tflite only")
-    fn = serving_function(model)
+    fn = serving_function(model, flip)
     if fmt == "savedmodel":
         saved_model(model, fn, out)
     elif fmt == "tflite":
@@ -69,18 +74,18 @@ def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none") -> P
     return out
 
 
-def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none") -> Path:
+def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none", flip: bool = False) -> Path:
     """Export a run folder's best checkpoint (or a .keras file); default place: <run>/exports/."""
     path = predict.model_path(model)
     if path.suffix != ".keras":
         raise UserError(f"{path}: export reads a run folder or a .keras checkpoint")
-    name = "model" + ("" if quantize == "none" else f"-{quantize}") + SUFFIX[fmt]
+    name = "model" + ("" if quantize == "none" else f"-{quantize}") + ("-flip" if flip else "") + SUFFIX[fmt]
     out = Path(out) if out else path.parents[1] / runs.EXPORTS / name
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or pass another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = with_precision(keras.models.load_model(path, compile=False), "float32")  # what every runtime runs
-    return export(model, fmt, out, quantize)
+    return export(model, fmt, out, quantize, flip)
 
 
 def main(argv=None) -> int:
@@ -89,10 +94,11 @@ def main(argv=None) -> int:
     ap.add_argument("--format", required=True, choices=sorted(SUFFIX))
     ap.add_argument("--quantize", default="none", choices=["none", "dynamic", "float16"], help="TFLite only")
     ap.add_argument("--out", type=Path, help="default: exports/model[-QUANTIZE][.tflite|.onnx] in the run folder")
+    ap.add_argument("--flip", action="store_true", help="average with the mirror image inside (twice the time)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     with errors.reported(args.debug):
-        out = export_run(args.model, args.format, args.out, args.quantize)
+        out = export_run(args.model, args.format, args.out, args.quantize, args.flip)
     print(f"{args.format} model: {out}")
     return 0
 

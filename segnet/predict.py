@@ -118,14 +118,19 @@ def tflite_function(path: Path):
     return run
 
 
-def predict(model, images: list[np.ndarray], batch_size: int = 4, max_side: int | None = None) -> list[np.ndarray]:
+def predict(
+    model, images: list[np.ndarray], batch_size: int = 4, max_side: int | None = None, flip: bool = False
+) -> list[np.ndarray]:
     """Road probability (float32, HxW) for each uint8 RGB image, each at its own resolution.
 
     `model` is a keras.Model or a function from `load`. Images of one size go through together; the model
     pads and crops, so any size works. An image whose longer side exceeds max_side is predicted shrunk to it
-    and its probabilities brought back to full size, which bounds memory and time on huge photos.
+    and its probabilities brought back to full size, which bounds memory and time on huge photos. flip: the
+    mean of the image's and its mirror image's probabilities (test-time augmentation, twice the time).
     """
     fn = keras_function(model) if isinstance(model, keras.Model) else model
+    if flip:
+        fn = mirrored(fn)
     out = [None] * len(images)
     by_size = {}
     for i, im in enumerate(images):
@@ -140,6 +145,11 @@ def predict(model, images: list[np.ndarray], batch_size: int = 4, max_side: int 
                 p = np.asarray(p, "float32")
                 out[i] = p if f == 1.0 else resize(p, (h, w))
     return out
+
+
+def mirrored(fn):
+    """fn averaged with fn on the left-right mirror image: roads are as likely mirrored as not."""
+    return lambda batch: (np.asarray(fn(batch)) + np.asarray(fn(batch[:, :, ::-1].copy()))[:, :, ::-1]) / 2
 
 
 def resize(array: np.ndarray, size) -> np.ndarray:

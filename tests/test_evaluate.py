@@ -30,9 +30,9 @@ def test_evaluate_reproduces_the_validation_maxf_of_training(run, tmp_path):
     assert len(maps) == 6 and maps[0] == "um_road_000004.png"  # the last 2 of each category, benchmark names
 
     bev = evaluate(*TINY, f"dataset.root={cfg.dataset.root}", f"outputs={tmp_path}", f"eval.run={run_dir}",
-                   "eval.space=bev")  # fmt: skip
+                   "eval.space=bev", "eval.flip=true")  # fmt: skip
     assert bev.returncode == 0, bev.stderr
-    assert "bev" in bev.stdout and "URBAN_ROAD" in bev.stdout
+    assert "bev" in bev.stdout and "URBAN_ROAD" in bev.stdout and "mirror-averaged" in bev.stdout
 
 
 def test_evaluate_scores_any_folder_of_maps_without_a_model(kitti_sample, tmp_path):

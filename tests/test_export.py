@@ -55,6 +55,17 @@ def test_export_matches_the_keras_model_at_any_size(run, tmp_path, fmt, name):
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_mirror_averaging_is_the_same_in_predict_and_in_an_export(run, tmp_path):
+    keras_fn = float32_keras(run)
+    exported = predict.load(export.export_run(run, "savedmodel", tmp_path / "sm", flip=True))
+    for batch in batches():
+        plain, mirror = keras_fn(batch), keras_fn(batch[:, :, ::-1].copy())[:, :, ::-1]
+        averaged = predict.predict(keras_fn, list(batch), flip=True)
+        np.testing.assert_allclose(np.stack(averaged), (plain + mirror) / 2, atol=1e-6)
+        np.testing.assert_allclose(exported(batch), (plain + mirror) / 2, atol=1e-4)
+        assert not np.allclose(plain, mirror, atol=1e-3)  # the model is not symmetric: the test can fail
+
+
 @pytest.mark.parametrize("quantize", ["dynamic", "float16"])
 def test_quantised_tflite_agrees_on_the_mask(run, tmp_path, quantize):
     keras_fn = float32_keras(run)
