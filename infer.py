@@ -195,7 +195,7 @@ def predict_videos(videos, targets, timer, threshold, uncertain, video_io) -> No
             reader = video_io.get_reader(video)
             fps = reader.get_meta_data().get("fps", 25)
         except Exception as e:  # ffmpeg's own words on an empty, truncated or foreign file
-            raise errors.UserError(f"{video}: not a readable video ({str(e).strip().splitlines()[0][:200]})") from None
+            raise errors.UserError(f"{video}: not a readable video ({errors.first_line(e)})") from None
         bar, frames = keras.utils.Progbar(None, unit_name="frame"), 0
         with reader, video_io.get_writer(tmp, fps=fps) as writer:
             frames_left = iter(reader)  # one iterator: iterating the reader again would start over

@@ -46,6 +46,11 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+def first_line(e: Exception) -> str:
+    """The first line of a library's own error message (ffmpeg's, onnxruntime's...), to quote in ours."""
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
 # FileNotFoundError and FileExistsError: our own messages about paths the user gave.
 FAILURES = (UserError, FileNotFoundError, FileExistsError)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 import segnet.model  # noqa: F401  (registers the custom layers that load_model needs)
 from segnet import runs
-from segnet.errors import MissingExtra, UserError
+from segnet.errors import MissingExtra, UserError, first_line
 
 
 def model_path(model=None, outputs="outputs") -> Path:
@@ -58,9 +58,8 @@ def load(model=None, outputs="outputs", precision: str = "auto"):
     except (MissingExtra, UserError):
         raise
     except Exception as e:  # each runtime fails its own way on a damaged file or another program's model
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{path}: not a segnet model, or damaged ({first}); pass a run folder, a .keras checkpoint or an "
+            f"{path}: not a segnet model, or damaged ({first_line(e)}); pass a run folder, a .keras checkpoint or an "
             "export that segnet wrote (python -m segnet.export)"
         ) from None
     fn.precision = getattr(fn, "precision", "float32")

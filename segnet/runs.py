@@ -104,21 +104,16 @@ def config_key(cfg) -> str:
     return hashlib.sha1(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
 
 
-def newest(outputs, config: str | None = None) -> Path | None:
-    """The run under outputs/ whose state.json was written last (of the config named `config`, if given)."""
+def newest(outputs, where=lambda state: True) -> Path | None:
+    """The run under outputs/ whose state.json was written last, among those whose state satisfies `where`."""
     runs = [p.parents[1] for p in Path(outputs).glob(f"**/{STATE}")]
-    if config is not None:
-        runs = [r for r in runs if read_state(r).get("config") == config]
-    return max(runs, key=lambda r: (r / STATE).stat().st_mtime, default=None)
+    return max((r for r in runs if where(read_state(r))), key=lambda r: (r / STATE).stat().st_mtime, default=None)
 
 
 def finished(cfg) -> Path | None:
     """The newest finished run of this very config under outputs/ (a sweep started again skips it)."""
     key = config_key(cfg)
-    done = [r for r in (p.parents[1] for p in Path(cfg.outputs).glob(f"**/{STATE}")) if read_state(r).get("finished")]
-    return max(
-        (r for r in done if read_state(r).get("config") == key), key=lambda r: (r / STATE).stat().st_mtime, default=None
-    )
+    return newest(cfg.outputs, lambda state: state.get("config") == key and state.get("finished"))
 
 
 def best_model(outputs) -> Path:
@@ -151,7 +146,8 @@ def to_continue(cfg, run_dir: Path) -> Path | None:
         return prev
     if cfg.trainer.backup:
         key = config_key(cfg)
-        prev = own if own is not None and read_state(own).get("config") == key else newest(cfg.outputs, key)
+        same = lambda state: state.get("config") == key  # noqa: E731
+        prev = own if own is not None and same(read_state(own)) else newest(cfg.outputs, same)
         if prev is not None and not read_state(prev).get("finished"):
             return prev
     return None
