@@ -1,4 +1,4 @@
-"""Predict road masks for images, folders, globs and videos with a trained model.
+"""Predict road masks (or class maps) for images, folders, globs and videos with a trained model.
 
 python infer.py image.png                         # newest run under outputs/, writes to outputs/predictions
 python infer.py frames/ "more/*.png" --model outputs/2026-11-25/10-00-00 --out preds/
@@ -6,6 +6,10 @@ python infer.py drive.mp4                         # an overlay video (pip instal
 python infer.py frames/ --model outputs/.../exports/model.tflite   # any export of segnet.export
 python infer.py data_road/testing/image_2 --kitti-submission submission/    # 8-bit maps, benchmark names
 python infer.py data_road/testing/image_2 --kitti-submission submission/ --bev   # the same in bird's-eye view
+
+A model of two classes (KITTI's) writes the road mask at a threshold. A model of more classes writes the class
+map in the classes' colours (mask), the image with it and a legend (overlay), and with --write prob one 8-bit
+probability map per class (<stem>_prob_<class>.png).
 """
 
 import argparse
@@ -94,13 +98,18 @@ def parse(argv):
     return args
 
 
-def plan(args, images: list[Path], videos: list[Path]) -> dict:
+def plan(args, images: list[Path], videos: list[Path], classes) -> dict:
     """Every output file, keyed (input, kind); refuses to write into an input folder or over earlier outputs.
+
+    For more than two classes "prob" is one map per class, kinds prob_<class>.
 
     With --resume, inputs whose outputs all exist are left out (outputs are written whole or not at all), and
     the outputs of a half-done input are written again.
     """
-    folders = {args.out: args.kinds, **({args.kitti_submission: ["kitti"]} if args.kitti_submission else {})}
+    kinds = args.kinds
+    if len(classes) > 2 and "prob" in kinds:
+        kinds = [k for k in kinds if k != "prob"] + [f"prob_{name}" for name, _ in classes]
+    folders = {args.out: kinds, **({args.kitti_submission: ["kitti"]} if args.kitti_submission else {})}
     for folder, flag in ((args.out, "--out"), (args.kitti_submission, "--kitti-submission")):
         if folder is not None:
             runs.writable_folder(folder, flag)
@@ -147,45 +156,67 @@ class Timer:
                   f"{self.count / self.seconds:.2f} images/s, {1000 * self.seconds / self.count:.0f} ms/image")  # fmt: skip
 
 
-def render(image, prob, threshold: float, uncertain: float):
-    """The road mask at the threshold, and the overlay (with the amber band, if asked for)."""
+def render(image, prob, threshold: float, uncertain: float, classes):
+    """The mask and the overlay. Two classes: road at the threshold (white), tinted over the image with the
+    amber band if asked for. More: the argmax in the classes' colours, blended over the image with a legend."""
     from segnet import predict
 
-    road = prob >= threshold
-    band = abs(prob - threshold) < uncertain if uncertain else None
-    return road, predict.overlay(image, road, uncertain=band)
+    if len(classes) == 2:
+        road = prob[..., 1] >= threshold
+        band = abs(prob[..., 1] - threshold) < uncertain if uncertain else None
+        return (road * 255).astype("uint8"), predict.overlay(image, road, uncertain=band)
+    colours = predict.colour_map(classes, prob.argmax(-1))
+    return colours, legend(predict.blend(image, colours), classes)
 
 
-def predict_images(args, images, targets, timer, threshold, homographies) -> None:
+def legend(image, classes):
+    """Each class's colour and name in a column at the top left (as many as fit the image's height)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image)
+    draw = ImageDraw.Draw(im)
+    width = 16 + 6 * max(len(name) for name, _ in classes)
+    for k, (name, colour) in enumerate(classes[: max(1, (im.height - 4) // 12)]):
+        draw.rectangle([2, 2 + 12 * k, 2 + width, 13 + 12 * k], fill=(0, 0, 0))
+        draw.rectangle([4, 4 + 12 * k, 12, 11 + 12 * k], fill=tuple(colour), outline=(255, 255, 255))
+        draw.text((15, 2 + 12 * k), name, fill=(255, 255, 255))
+    return np.asarray(im)
+
+
+def predict_images(args, images, targets, timer, threshold, homographies, classes) -> None:
     """Chunk by chunk: read, predict, write every asked-for output; a bad image stops with what is written kept."""
     import keras
-    import numpy as np
     from PIL import Image
 
-    from segnet import data, metrics
+    from segnet import data, metrics, predict
 
-    written = args.kinds + (["kitti"] if args.kitti_submission else [])
+    written = [kind for kind in dict.fromkeys(kind for _, kind in targets) if kind != "video"]
+    road = predict.road_index(classes)
     bar = keras.utils.Progbar(len(images), unit_name="image") if len(images) > 1 else None
     for k in range(0, len(images), CHUNK):
         chunk = images[k : k + CHUNK]
         arrays = [data.read_image(p) for p in chunk]
         for p, image, prob in zip(chunk, arrays, timer.predict(arrays), strict=True):
-            road, over = render(image, prob, threshold, args.uncertain)
-            out = {"mask": (road * 255).astype(np.uint8), "overlay": over, "prob": metrics.to_uint8_prob(prob)}
-            out["kitti"] = out["prob"]
+            mask, over = render(image, prob, threshold, args.uncertain, classes)
+            out = {"mask": mask, "overlay": over, **{f"prob_{n}": metrics.to_uint8_prob(prob[..., k])
+                                                     for k, (n, _) in enumerate(classes)}}  # fmt: skip
+            if road is not None:
+                out["prob"] = out["kitti"] = metrics.to_uint8_prob(prob[..., road])
             if args.bev:
                 out = {kind: metrics.to_bev(a, homographies[p]) for kind, a in out.items()}
             for kind in written:  # whole files only: a stop never leaves a truncated PNG under a final name
                 runs.save_atomic(targets[(p, kind)], lambda t, a=out[kind]: Image.fromarray(a).save(t, format="PNG"))
             if bar is None:
-                print(f"{p}: {road.mean():.1%} road -> {', '.join(str(targets[(p, kind)]) for kind in written)}")
+                share = f"{(prob.argmax(-1) == road).mean():.1%} road" if road is not None else "classes"
+                print(f"{p}: {share} -> {', '.join(str(targets[(p, kind)]) for kind in written)}")
         if bar is not None:
             bar.add(len(chunk))
     if bar is not None:
         print(f"{len(images)} images -> {args.out}")
 
 
-def predict_videos(videos, targets, timer, threshold, uncertain, video_io) -> None:
+def predict_videos(videos, targets, timer, threshold, uncertain, video_io, classes) -> None:
     """Each video into an overlay video, CHUNK frames at a time."""
     import keras
     import numpy as np
@@ -201,7 +232,7 @@ def predict_videos(videos, targets, timer, threshold, uncertain, video_io) -> No
             frames_left = iter(reader)  # one iterator: iterating the reader again would start over
             while batch := [np.asarray(f)[..., :3] for f in itertools.islice(frames_left, CHUNK)]:
                 for image, prob in zip(batch, timer.predict(batch), strict=True):
-                    writer.append_data(render(image, prob, threshold, uncertain)[1])
+                    writer.append_data(render(image, prob, threshold, uncertain, classes)[1])
                 bar.add(len(batch))
                 frames += len(batch)
             if not frames:
@@ -220,19 +251,21 @@ def main(argv=None) -> int:
         paths = collect(args.inputs)
         videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
         images = [p for p in paths if p not in videos]
-        targets = plan(args, images, videos)
-        images = [p for p in images if any(key[0] == p for key in targets)]
         video_io = imageio() if videos else None
-        homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
         path = predict.model_path(args.model)
         model = predict.load(path, precision=args.precision)
+        if args.kitti_submission and predict.road_index(model.classes) is None:
+            raise errors.UserError(f"{path}: --kitti-submission needs a class named road; this model has none")
+        targets = plan(args, images, videos, model.classes)
+        images = [p for p in images if any(key[0] == p for key in targets)]
+        homographies = {p: bev_homography(p, args.calib, metrics) for p in images} if args.bev else {}
         threshold = args.threshold if args.threshold is not None else runs.best_threshold(path) or 0.5
         for folder in {t.parent for t in targets.values()}:
             folder.mkdir(parents=True, exist_ok=True)
         print(f"model {path} in {model.precision}, threshold {threshold:.3f}")
         timer = Timer(model, args.batch_size, args.max_side, args.flip)
-        predict_images(args, images, targets, timer, threshold, homographies)
-        predict_videos(videos, targets, timer, threshold, args.uncertain, video_io)
+        predict_images(args, images, targets, timer, threshold, homographies, model.classes)
+        predict_videos(videos, targets, timer, threshold, args.uncertain, video_io, model.classes)
         timer.report()
     return 0
 

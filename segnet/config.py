@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
 
 
 class Choice(str, Enum):
@@ -30,12 +30,14 @@ Cache = Choice("Cache", {n: n for n in ("memory", "disk")})
 Task = Choice("Task", {n: n for n in ("road", "lane")})
 Space = Choice("Space", {n: n for n in ("perspective", "bev")})
 ModelName = Choice("ModelName", {n: n for n in ("fcn8", "fcn16", "fcn32")})
+Layout = Choice("Layout", {n: n for n in ("kitti", "folder")})
+Masks = Choice("Masks", {n: n for n in ("index", "colour")})
 
 MIN_SIDE = 32  # image sides: the encoder halves them five times
 
 
 def bounds(lo=None, hi=None, *, open_lo=False, open_hi=False, length=None):
-    """A field whose value (each value, for a list of `length`) lies between lo and hi; see check_values."""
+    """A field whose value (each value, for a list; of `length` values if given) lies between lo and hi."""
     return field(default=MISSING, metadata={"bounds": (lo, hi, open_lo, open_hi), "length": length})
 
 
@@ -59,12 +61,23 @@ class AugmentConfig:
 
 
 @dataclass
+class ClassConfig:
+    name: str = MISSING
+    colour: list[int] = bounds(0, 255, length=3)  # RGB: in colour masks, and how infer.py draws the class
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     root: str = MISSING
+    layout: Layout = MISSING  # kitti: data_road folders | folder: images/ and masks/ of the same stems
+    classes: list[ClassConfig] = MISSING  # the network's outputs, in order
+    masks: Masks = MISSING  # folder layout: index (PNG values 0..N-1) | colour (each class's RGB)
+    ignore_index: int | None = bounds(0, 255)  # index masks: the value that marks pixels to ignore
+    ignore_colour: list[int] | None = bounds(0, 255, length=3)  # colour masks: the colour to ignore
     synthetic: SyntheticConfig | None = MISSING  # set: generate the dataset at root first
-    task: Task = MISSING  # lane: um_lane ground truth (um only)
-    categories: list[str] = MISSING
+    task: Task = MISSING  # kitti layout: lane is um_lane ground truth (um only)
+    categories: list[str] = MISSING  # kitti layout
     val_per_category: int = bounds(0)  # the last N of each category (at most a third)
     val_fraction: float | None = bounds(0, 1, open_hi=True)  # instead: this fraction of each category, the last ones
     val_list: str | None = MISSING  # instead: a text file of validation names (um_000079, ...)
@@ -83,6 +96,7 @@ class ModelConfig:
     batch_norm: bool = MISSING
     dropout: float = bounds(0, 1, open_hi=True)
     weights: str | None = MISSING  # null | imagenet | path to a VGG16 .h5
+    init: str | None = MISSING  # a run folder or .keras file to start from (fine-tuning): model.init_from
 
 
 @dataclass
@@ -93,7 +107,7 @@ class TrainerConfig:
     lr: float = bounds(0, 1, open_lo=True)
     warmup_epochs: float = bounds(0)
     weight_decay: float = bounds(0, 1)
-    class_weights: list[float] | None = bounds(0, length=2)  # [non-road, road]
+    class_weights: list[float] | None = bounds(0)  # one per class of dataset.classes
     precision: Precision = MISSING
     jit_compile: bool = MISSING
     resume: bool = MISSING
@@ -103,7 +117,7 @@ class TrainerConfig:
     deterministic: bool = MISSING
     val_every: int = bounds(1)
     log_images: int = bounds(0)
-    patience: int | None = bounds(1)  # stop after this many validations without a better MaxF; null: never
+    patience: int | None = bounds(1)  # stop after this many validations without a better score; null: never
     ema: float | None = bounds(0, 1, open_lo=True, open_hi=True)  # validate and save an EMA of the weights
 
 
@@ -162,13 +176,16 @@ def check_values(cfg, schema=Config, path: str = "") -> list[str]:
         key, value = path + f.name, cfg[f.name]
         hint = get_type_hints(schema)[f.name]
         node = next((t for t in (hint, *get_args(hint)) if is_dataclass(t)), None)
-        if node is not None and value is not None:
+        if node is not None and isinstance(value, ListConfig):  # a list of nodes: dataset.classes
+            problems += [p for i, item in enumerate(value) for p in check_values(item, node, f"{key}.{i}.")]
+        elif node is not None and value is not None:
             problems += check_values(value, node, f"{key}.")
         if "bounds" not in f.metadata or value is None:
             continue
         (lo, hi, open_lo, open_hi), length = f.metadata["bounds"], f.metadata["length"]
-        values = list(value) if length else [value]
-        shown = f"[{','.join(map(str, values))}]" if length else str(value)
+        many = isinstance(value, list | ListConfig)
+        values = list(value) if many else [value]
+        shown = f"[{','.join(map(str, values))}]" if many else str(value)
         if length and len(values) != length:
             problems.append(f"{key}={shown}: give {length} values")
             continue
@@ -187,6 +204,34 @@ def check_values(cfg, schema=Config, path: str = "") -> list[str]:
             problems.append(f"dataset.augment.scale=[{scale[0]},{scale[1]}]: give [min, max], min first")
         if not cfg.dataset.categories:
             problems.append("dataset.categories=[]: name at least one category (um, umm, uu)")
+        problems += check_classes(cfg.dataset)
+        weights = cfg.trainer.class_weights if "trainer" in cfg else None
+        if weights is not None and len(weights) != len(cfg.dataset.classes):
+            names = ", ".join(c.name for c in cfg.dataset.classes)
+            problems.append(f"trainer.class_weights: give {len(cfg.dataset.classes)} values, one per class ({names})")
+    return problems
+
+
+def check_classes(d) -> list[str]:
+    """A class list that cannot label a mask unambiguously: too few classes, a name or colour twice,
+    an ignore value that is also a class."""
+    names, colours = [c.name for c in d.classes], [tuple(c.colour) for c in d.classes]
+    problems = []
+    if not 2 <= len(names) <= 255:
+        problems.append(f"dataset.classes: {len(names)} given, give 2 to 255")
+    if d.layout == "kitti" and len(names) != 2:
+        problems.append("dataset.classes: the kitti layout has two classes, [non-road, road]")
+    for kind, values in (("name", names), ("colour", colours)):
+        if twice := sorted({str(v) for v in values if values.count(v) > 1}):
+            problems.append(f"dataset.classes: the {kind} {twice[0]} is given to two classes; give each its own")
+    if d.ignore_index is not None and 0 <= d.ignore_index < len(names):
+        problems.append(
+            f"dataset.ignore_index={d.ignore_index} is also the index of class {names[d.ignore_index]!r}; "
+            f"index masks hold classes 0..{len(names) - 1}, pick another ignore value (e.g. 255)"
+        )
+    if d.ignore_colour is not None and tuple(d.ignore_colour) in colours:
+        clash = names[colours.index(tuple(d.ignore_colour))]
+        problems.append(f"dataset.ignore_colour={list(d.ignore_colour)} is also the colour of class {clash!r}")
     return problems
 
 
@@ -206,6 +251,8 @@ def check_overrides(args: list[str], schema=Config) -> str | None:
             continue
         node, path = schema, []
         for part in key.split("."):
+            if part.isdigit():  # an item of a list of nodes: dataset.classes.0.name
+                continue
             names = [f.name for f in fields(node)]
             if part not in names:
                 where = ".".join(path) or "the top level"

@@ -4,12 +4,14 @@
     python -m segnet.export RUN --format tflite --quantize float16     # or dynamic (int8 weights)
     python -m segnet.export RUN --format onnx                          # needs pip install -e ".[export]"
 
-Every export takes a uint8 RGB batch of any height and width, named "image", and returns
-"road_probability" (batch, height, width) in [0, 1]: the preprocessing (scale, mean, padding) and the
-softmax are inside, so a consumer feeds camera frames as they are. `infer.py --model` runs any of them.
+Every export takes a uint8 RGB batch of any height and width, named "image", and returns "probabilities"
+(batch, height, width, classes) in [0, 1], and "road_probability" (batch, height, width) when a class is named
+road: the preprocessing (scale, mean, padding) and the softmax are inside, so a consumer feeds camera frames
+as they are. The class names and colours go beside it (model.onnx.json). `infer.py --model` runs any of them.
 """
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -19,23 +21,25 @@ import tensorflow as tf
 
 from segnet import errors, predict, runs
 from segnet.errors import ConfigError, MissingExtra, UserError
-from segnet.model import with_precision
+from segnet.model import classes_of, with_precision
 
 SUFFIX = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
 SIGNATURE = [tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")]
 
 
 def serving_function(model: keras.Model, flip: bool = False):
+    road = predict.road_index(classes_of(model))
+
     def probability(image):
-        return tf.nn.softmax(tf.cast(model(tf.cast(image, tf.float32), training=False), tf.float32))[..., 1]
+        return tf.nn.softmax(tf.cast(model(tf.cast(image, tf.float32), training=False), tf.float32))
 
-    def road_probability(image):
-        if not flip:
-            return {"road_probability": probability(image)}
-        mirror = tf.reverse(probability(tf.reverse(image, axis=[2])), axis=[2])
-        return {"road_probability": (probability(image) + mirror) / 2}  # as predict.mirrored
+    def serve(image):
+        p = probability(image)
+        if flip:
+            p = (p + tf.reverse(probability(tf.reverse(image, axis=[2])), axis=[2])) / 2  # as predict.mirrored
+        return {"probabilities": p} | ({} if road is None else {"road_probability": p[..., road]})
 
-    return road_probability
+    return serve
 
 
 def saved_model(model: keras.Model, fn, out: Path) -> None:
@@ -85,7 +89,10 @@ def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none",
         raise FileExistsError(f"{out} exists; remove it or pass another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = with_precision(keras.models.load_model(path, compile=False), "float32")  # what every runtime runs
-    return export(model, fmt, out, quantize, flip)
+    export(model, fmt, out, quantize, flip)
+    classes = [{"name": n, "colour": list(c)} for n, c in classes_of(model)]
+    predict.sidecar(out).write_text(json.dumps({"classes": classes}, indent=1) + "\n")
+    return out
 
 
 def main(argv=None) -> int:

@@ -168,6 +168,42 @@ def scores(c: Counts) -> dict[str, float]:
 
 
 # -----------------------------------------------------------------------------
+# more than two classes: the measures of semantic segmentation benchmarks (Pascal VOC, Cityscapes)
+
+
+def confusion(label: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    """n x n pixel counts, row the true class, column the predicted one; labels >= n (ignore) left out."""
+    keep = label < n
+    return np.bincount(n * label[keep].astype(np.int64) + pred[keep], minlength=n * n).reshape(n, n)
+
+
+def class_scores(cm: np.ndarray, names) -> dict[str, float]:
+    """IoU per class, mIoU (the mean over classes present in ground truth or prediction) and pixel accuracy,
+    in percent, from a confusion matrix of pixels pooled over the images."""
+    tp, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+    iou = _ratio(tp, union)
+    return {
+        "mIoU": 100 * float(iou[union > 0].mean()) if (union > 0).any() else 0.0,
+        "PixelAcc": 100 * float(_ratio(tp.sum(), cm.sum())),
+        **{f"IoU_{name}": 100 * float(v) for name, v in zip(names, iou, strict=True)},
+    }
+
+
+def format_class_table(cm: np.ndarray, names) -> str:
+    """Per class: IoU, precision and recall (percent) and its share of the pixels; then mIoU and accuracy."""
+    tp = np.diag(cm)
+    iou, pre, rec = _ratio(tp, cm.sum(0) + cm.sum(1) - tp), _ratio(tp, cm.sum(0)), _ratio(tp, cm.sum(1))
+    share = _ratio(cm.sum(1), cm.sum())
+    width = max(len("class"), *map(len, names))
+    lines = [f"{'class':<{width}}" + "".join(f"{c:>9}" for c in ("IoU", "PRE", "REC", "pixels"))]
+    for k, name in enumerate(names):
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * v[k]:>9.2f}" for v in (iou, pre, rec, share)))
+    s = class_scores(cm, names)
+    lines.append(f"{'mean IoU':<{width}}{s['mIoU']:>9.2f}    pixel accuracy {s['PixelAcc']:.2f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # bird's-eye view
 
 

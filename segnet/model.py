@@ -29,6 +29,7 @@ FC_CHANNELS = 4096
 # Caffe VGG16 preprocessing (BGR, mean subtracted, no scaling): ImageNet weights expect exactly this.
 BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype="float32")
 STRIDE = 32  # five 2x2 poolings
+ROAD_CLASSES = (("non-road", (255, 0, 0)), ("road", (255, 0, 255)))  # KITTI's two, in its ground-truth colours
 
 
 def scaled_size(x, scale):
@@ -94,11 +95,16 @@ class Preprocess(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="segnet")
 class CropLike(layers.Layer):
-    """Crop the scores computed on the padded image, and scale them back to the input's exact pixel grid."""
+    """Crop the scores computed on the padded image, and scale them back to the input's exact pixel grid.
 
-    def __init__(self, scale=(1.0, 1.0), **kwargs):
+    It also keeps what its channels mean, `classes` ((name, RGB colour) per class), so that a model file
+    alone tells infer.py how to name and draw its outputs.
+    """
+
+    def __init__(self, scale=(1.0, 1.0), classes=ROAD_CLASSES, **kwargs):
         super().__init__(**kwargs)
         self.scale = tuple(float(s) for s in scale)
+        self.classes = tuple((str(name), tuple(int(v) for v in colour)) for name, colour in classes)
 
     def call(self, scores, image):
         h, w = ops.shape(image)[1], ops.shape(image)[2]
@@ -111,12 +117,12 @@ class CropLike(layers.Layer):
         return (scores_shape[0], image_shape[1], image_shape[2], scores_shape[3])
 
     def get_config(self):
-        return {**super().get_config(), "scale": self.scale}
+        return {**super().get_config(), "scale": self.scale, "classes": [[n, list(c)] for n, c in self.classes]}
 
 
 def fcn(
     name: str = "fcn8",
-    num_classes: int = 2,
+    classes=ROAD_CLASSES,
     width: float = 1.0,
     fc6_kernel: int = 7,
     batch_norm: bool = True,
@@ -126,6 +132,7 @@ def fcn(
 ) -> keras.Model:
     if name not in ("fcn8", "fcn16", "fcn32"):
         raise ConfigError(f"model.name={name!r}: use fcn8, fcn16 or fcn32")
+    num_classes = len(classes)
     ch = lambda n: max(1, round(n * width))  # noqa: E731
 
     image = keras.Input((None, None, 3), name="image")
@@ -177,7 +184,7 @@ def fcn(
         scores = fuse(up(scores, 2, 32, "upscore2"), pool4, "pool4")
         scores = fuse(up(scores, 2, 16, "upscore_pool4"), pool3, "pool3")
         scores = up(scores, 8, 8, "upscore8")
-    logits = CropLike(input_scale, dtype="float32", name="logits")(scores, image)
+    logits = CropLike(input_scale, classes, dtype="float32", name="logits")(scores, image)
     model = keras.Model(image, logits, name=name)
     if weights:
         load_vgg16_weights(model, weights)
@@ -216,6 +223,48 @@ def load_vgg16_weights(model: keras.Model, weights: str) -> None:
             model.get_layer(name).set_weights([kernel, bias])
 
 
+HEADS = ("score_", "upscore")  # the layers whose shapes follow the number of classes
+
+
+def init_from(model: keras.Model, source) -> tuple[list[str], list[str]]:
+    """Start from a trained model (model.init): every layer whose name and weight shapes match is copied.
+
+    source is a run folder or a .keras file. The class-score layers (HEADS) of another class count, or that
+    the source lacks (FCN-32s into FCN-8s), keep their fresh initialisation; any other layer that does not
+    match means another architecture, an error naming those layers. Returns (loaded, re-initialised) names.
+    """
+    from segnet import predict
+
+    path = predict.model_path(source)
+    if path.suffix != ".keras":
+        raise ConfigError(f"model.init={source}: give a run folder or a .keras checkpoint, not an export")
+    try:
+        src = keras.models.load_model(path, compile=False)
+    except Exception as e:  # a damaged file or another program's model fails inside Keras
+        raise ConfigError(f"model.init={source}: {path} is not a readable segnet model ({e})") from None
+    shapes = lambda layer: [tuple(w.shape) for w in layer.weights]  # noqa: E731
+    theirs = {layer.name: layer for layer in src.layers}
+    loaded, fresh, unmatched = [], [], []
+    for layer in (layer for layer in model.layers if layer.weights):
+        other = theirs.get(layer.name)
+        if other is not None and shapes(other) == shapes(layer):
+            layer.set_weights(other.get_weights())
+            loaded.append(layer.name)
+        elif layer.name.startswith(HEADS):
+            fresh.append(layer.name)
+        else:
+            unmatched.append(f"{layer.name} {shapes(layer)} vs {shapes(other) if other else 'none'}")
+    if unmatched:
+        raise ConfigError(
+            f"model.init={source}: {path} is another architecture; {len(unmatched)} layer(s) could not be matched "
+            f"(this model's weight shapes vs the file's): {'; '.join(unmatched[:4])}"
+            f"{' ...' if len(unmatched) > 4 else ''}. Use the model.width, fc6_kernel and batch_norm it was trained with"
+        )
+    print(f"model.init: {len(loaded)} layers loaded from {path} ({', '.join(loaded)}); "
+          f"re-initialised: {', '.join(fresh) or 'none'}")  # fmt: skip
+    return loaded, fresh
+
+
 def auto_precision() -> str:
     """bfloat16 on CPUs that run it natively (AVX512-BF16, AMX), float16 on GPUs from Volta on, else float32."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -244,10 +293,16 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     return copy
 
 
-def build(cfg, input_scale=(1.0, 1.0)) -> keras.Model:
-    """The model named by the config's `model` group; input_scale as in Preprocess."""
+def classes_of(model: keras.Model) -> tuple:
+    """((name, colour), ...) of the classes a segnet model predicts, in the order of its outputs."""
+    return model.get_layer("logits").classes
+
+
+def build(cfg, classes=ROAD_CLASSES, input_scale=(1.0, 1.0)) -> keras.Model:
+    """The model named by the config's `model` group, for these classes; input_scale as in Preprocess."""
     return fcn(
         str(cfg.name),  # a plain string: the model's name is saved in its files
+        classes,
         width=cfg.width,
         fc6_kernel=cfg.fc6_kernel,
         batch_norm=cfg.batch_norm,

@@ -1,10 +1,12 @@
-"""Run a trained model: find it, load it once, predict road probabilities at each image's own size.
+"""Run a trained model: find it, load it once, predict class probabilities at each image's own size.
 
 A model is a run folder, a .keras checkpoint, or an export of segnet.export (SavedModel folder, .tflite,
-.onnx). Whatever it is, `load` returns a function from a uint8 RGB batch (B, H, W, 3) to road
-probabilities (B, H, W), so every kind gives the same masks.
+.onnx). Whatever it is, `load` returns a function from a uint8 RGB batch (B, H, W, 3) to class
+probabilities (B, H, W, N), so every kind gives the same masks; its `classes` attribute names them.
+For KITTI's two classes, [..., 1] is the road probability the benchmark scores.
 """
 
+import json
 from pathlib import Path
 
 import keras
@@ -35,17 +37,35 @@ def model_path(model=None, outputs="outputs") -> Path:
     return path
 
 
-def road_probability(logits: np.ndarray) -> np.ndarray:
-    """Softmax over two classes, road's share: 1 / (1 + exp(l_nonroad - l_road))."""
-    return 1.0 / (1.0 + np.exp(np.clip(logits[..., 0] - logits[..., 1], -80, 80)))  # clip: no overflow
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis. For two classes in the form 1 / (1 + exp(l_0 - l_1)), which the road
+    maps of every earlier segnet version were computed with, so that KITTI scores stay bit for bit."""
+    if logits.shape[-1] == 2:
+        road = 1.0 / (1.0 + np.exp(np.clip(logits[..., 0] - logits[..., 1], -80, 80)))  # clip: no overflow
+        return np.stack([1.0 - road, road], axis=-1)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def keras_function(model: keras.Model):
-    return lambda batch: road_probability(np.asarray(model.predict_on_batch(batch.astype("float32")), "float32"))
+    fn = lambda batch: probabilities(np.asarray(model.predict_on_batch(batch.astype("float32")), "float32"))  # noqa: E731
+    fn.classes = segnet.model.classes_of(model)
+    return fn
+
+
+def road_index(classes) -> int | None:
+    """The output that is road: the class named road (KITTI's second), if there is one."""
+    names = [name for name, _ in classes]
+    return names.index("road") if "road" in names else None
+
+
+def sidecar(path: Path) -> Path:
+    """An export's class list lives beside it: model.onnx -> model.onnx.json."""
+    return path.with_name(path.name + ".json")
 
 
 def load(model=None, outputs="outputs", precision: str = "auto"):
-    """A function uint8 (B, H, W, 3) -> road probability (B, H, W) float32, for any kind of model.
+    """A function uint8 (B, H, W, 3) -> class probabilities (B, H, W, N) float32, for any kind of model.
 
     precision (for .keras checkpoints): auto is the fastest this machine runs (bfloat16 on AVX512-BF16/AMX);
     exports always compute in float32. The function's `precision` attribute says which one runs.
@@ -63,14 +83,17 @@ def load(model=None, outputs="outputs", precision: str = "auto"):
             "export that segnet wrote (python -m segnet.export)"
         ) from None
     fn.precision = getattr(fn, "precision", "float32")
+    if not hasattr(fn, "classes"):  # an export: its class list is the file beside it
+        classes = json.loads(sidecar(path).read_text())["classes"] if sidecar(path).is_file() else None
+        fn.classes = tuple((c["name"], tuple(c["colour"])) for c in classes) if classes else segnet.model.ROAD_CLASSES
     return fn
 
 
 def _load(path: Path, precision: str):
     if path.suffix == ".keras":
         model = keras.models.load_model(path, compile=False)
-        if model.inputs[0].shape[-1] != 3 or model.outputs[0].shape[-1] != 2:
-            raise UserError(f"{path}: a Keras model, but not segnet's (it wants RGB in, two class scores out)")
+        if model.inputs[0].shape[-1] != 3 or "logits" not in [layer.name for layer in model.layers]:
+            raise UserError(f"{path}: a Keras model, but not segnet's (it wants RGB in, class scores out)")
         precision = segnet.model.auto_precision() if str(precision) == "auto" else str(precision)
         fn = keras_function(segnet.model.with_precision(model, precision))
         fn.precision = precision
@@ -79,7 +102,7 @@ def _load(path: Path, precision: str):
         import tensorflow as tf
 
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-        return lambda batch: serve(image=tf.constant(batch))["road_probability"].numpy()
+        return lambda batch: serve(image=tf.constant(batch))["probabilities"].numpy()
     if path.suffix == ".tflite":
         return tflite_function(path)
     if path.suffix == ".onnx":
@@ -90,7 +113,7 @@ def _load(path: Path, precision: str):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         if [i.name for i in session.get_inputs()] != ["image"]:
             raise UserError(f"{path}: an ONNX model, but not segnet's (no input named 'image')")
-        return lambda batch: session.run(["road_probability"], {"image": batch})[0]
+        return lambda batch: session.run(["probabilities"], {"image": batch})[0]
     raise UserError(f"{path}: not a model segnet can load (.keras, SavedModel folder, .tflite, .onnx)")
 
 
@@ -98,29 +121,17 @@ def tflite_function(path: Path):
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=None)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1 or inputs[0]["dtype"] != np.uint8:
-        raise UserError(f"{path}: a TFLite model, but not segnet's (it wants one uint8 image in, one map out)")
-    (inp,), (out,) = inputs, outputs
-    shape = None
-
-    def run(batch):
-        nonlocal shape
-        if batch.shape != shape:  # the model takes any size: re-plan its tensors when the size changes
-            interpreter.resize_tensor_input(inp["index"], batch.shape)
-            interpreter.allocate_tensors()
-            shape = batch.shape
-        interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        return interpreter.get_tensor(out["index"])
-
-    return run
+    runner = interpreter.get_signature_runner()  # outputs by name; resizes its tensors to each batch's size
+    details = runner.get_input_details()
+    if list(details) != ["image"] or details["image"]["dtype"] != np.uint8:
+        raise UserError(f"{path}: a TFLite model, but not segnet's (it wants one uint8 image in)")
+    return lambda batch: runner(image=batch)["probabilities"]
 
 
 def predict(
     model, images: list[np.ndarray], batch_size: int = 4, max_side: int | None = None, flip: bool = False
 ) -> list[np.ndarray]:
-    """Road probability (float32, HxW) for each uint8 RGB image, each at its own resolution.
+    """Class probabilities (float32, HxWxN) for each uint8 RGB image, each at its own resolution.
 
     `model` is a keras.Model or a function from `load`. Images of one size go through together; the model
     pads and crops, so any size works. An image whose longer side exceeds max_side is predicted shrunk to it
@@ -152,10 +163,24 @@ def mirrored(fn):
 
 
 def resize(array: np.ndarray, size) -> np.ndarray:
-    """Bilinear resize of an RGB uint8 image or a float32 map to size = (H, W)."""
+    """Bilinear resize of an RGB uint8 image or of float32 maps (HxW or HxWxN) to size = (H, W)."""
     from PIL import Image
 
+    if array.dtype == np.float32 and array.ndim == 3:
+        return np.stack([resize(array[..., c], size) for c in range(array.shape[-1])], axis=-1)
     return np.asarray(Image.fromarray(array).resize(size[::-1], Image.BILINEAR))
+
+
+def blend(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with a colour map laid over it (a class map drawn by colour_map)."""
+    return ((1 - alpha) * image.astype("float32") + alpha * colours.astype("float32")).round().astype("uint8")
+
+
+def colour_map(classes, label: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8: each pixel in its class's colour (class numbers beyond the list black)."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(classes)] = [colour for _, colour in classes]
+    return palette[label]
 
 
 def overlay(image: np.ndarray, road: np.ndarray, color=(0, 255, 0), alpha: float = 0.45, uncertain=None) -> np.ndarray:

@@ -18,8 +18,8 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 
 from segnet import config, data, distribute, metrics, predict, runs
-from segnet.errors import ConfigError, Interrupted, LostWorker, NonFiniteLoss, UserError
-from segnet.model import POLICIES, auto_precision, build
+from segnet.errors import Interrupted, LostWorker, NonFiniteLoss, UserError
+from segnet.model import POLICIES, auto_precision, build, init_from
 
 
 def set_precision(name: str = "auto") -> str:
@@ -40,26 +40,28 @@ def loss_sums(labels, logits, class_weights=None):
     safe = ops.where(valid, labels, 0)
     ce = ops.sparse_categorical_crossentropy(safe, ops.cast(logits, "float32"), from_logits=True)
     w = ops.cast(valid, "float32")
-    if class_weights is not None:
-        if len(class_weights) != 2:
-            raise ConfigError(f"trainer.class_weights={list(class_weights)}: give two, [non-road, road]")
+    if class_weights is not None:  # one per class (config.check_values)
         # float(): Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
         w = w * ops.take(ops.convert_to_tensor([float(c) for c in class_weights], "float32"), safe)
     return ops.sum(ce * w), ops.sum(w)
 
 
-def road_counts(labels, logits):
-    """[TP, FP, FN] of road at the argmax (p > 0.5), over the valid pixels."""
-    labels = ops.cast(labels, "int32")
+def confusion_counts(labels, logits, num_classes: int):
+    """The num_classes x num_classes confusion matrix (row: truth) at the argmax, over the valid pixels."""
+    labels = ops.reshape(ops.cast(labels, "int32"), [-1])
     valid = labels != data.IGNORE
-    pred = ops.argmax(logits, axis=-1) == 1
-    road = labels == 1
-    count = lambda m: ops.sum(ops.cast(m & valid, "float32"))  # noqa: E731
-    return ops.stack([count(pred & road), count(pred & ~road), count(~pred & road)])
+    pred = ops.reshape(ops.cast(ops.argmax(logits, axis=-1), "int32"), [-1])
+    return tf.math.confusion_matrix(
+        ops.where(valid, labels, 0), pred, num_classes, weights=ops.cast(valid, "float32"), dtype=tf.float32
+    )
 
 
-def road_scores(counts) -> dict[str, float]:
-    tp, fp, fn = (float(c) for c in counts)
+def train_scores(cm) -> dict[str, float]:
+    """The epoch's scores at the argmax: road's IoU, precision, recall and F1 for two classes, else mIoU."""
+    if len(cm) > 2:
+        s = metrics.class_scores(cm, range(len(cm)))
+        return {"miou": s["mIoU"] / 100, "pixel_accuracy": s["PixelAcc"] / 100}
+    tp, fp, fn = float(cm[1, 1]), float(cm[0, 1]), float(cm[1, 0])
     ratio = lambda a, b: a / max(b, 1.0)  # noqa: E731
     return {
         "road_iou": ratio(tp, tp + fp + fn),
@@ -69,19 +71,38 @@ def road_scores(counts) -> dict[str, float]:
     }
 
 
-def validate(model, images, labels, batch_size: int = 4) -> tuple[dict, list[np.ndarray], metrics.Counts]:
-    """Scores on the validation images at native resolution, computed the way the KITTI devkit does."""
+def main_score(classes) -> str:
+    """What picks the best epoch: KITTI's MaxF for two classes, mean IoU for more."""
+    return "maxf" if len(classes) == 2 else "miou"
+
+
+def validate(model, images, labels, classes, batch_size: int = 4) -> tuple[dict, list[np.ndarray], object]:
+    """Scores on the validation images at native resolution, with their probabilities and pooled counts.
+
+    Two classes: the KITTI devkit's measures of class 1 (metrics.Counts). More: per-class IoU, mIoU and
+    pixel accuracy at the argmax (a confusion matrix).
+    """
     probs = predict.predict(model, images, batch_size)
-    counts, loss, n = metrics.Counts(), 0.0, 0
+    n_cls = len(classes)
+    counts, cm, loss, n = metrics.Counts(), np.zeros((n_cls, n_cls), np.int64), 0.0, 0
     for p, lb in zip(probs, labels, strict=True):
-        valid, road = lb != data.IGNORE, lb == 1
-        counts = counts + metrics.image_counts(metrics.to_uint8_prob(p), valid, road)
-        p_true = np.where(road, p, 1 - p)[valid]
+        valid = lb != data.IGNORE
+        if n_cls == 2:
+            counts = counts + metrics.image_counts(metrics.to_uint8_prob(p[..., 1]), valid, lb == 1)
+        else:
+            cm += metrics.confusion(lb, p.argmax(-1), n_cls)
+        p_true = np.take_along_axis(p, np.where(valid, lb, 0)[..., None].astype(np.int64), -1)[..., 0][valid]
         loss += float(-np.log(np.clip(p_true, 1e-7, 1)).sum())
         n += int(valid.sum())
+    out = {"loss": loss / max(n, 1)}
+    if n_cls > 2:
+        s = metrics.class_scores(cm, [name for name, _ in classes])
+        out.update(miou=s["mIoU"] / 100, pixel_accuracy=s["PixelAcc"] / 100)
+        out.update({f"iou_{name}": s[f"IoU_{name}"] / 100 for name, _ in classes})
+        return out, probs, cm
     s = metrics.scores(counts)
     at_half = metrics.scores_at(counts, 128)  # 8-bit 128 = p >= 0.502: the argmax cut
-    out = {"loss": loss / max(n, 1), "maxf": s["MaxF"] / 100, "ap": s["AP"] / 100, "best_thresh": s["BestThresh"]}
+    out.update(maxf=s["MaxF"] / 100, ap=s["AP"] / 100, best_thresh=s["BestThresh"])
     keys = {"road_iou": "IoU", "precision": "PRE", "recall": "REC", "f1": "F1"}
     out.update({ours: at_half[kit] / 100 for ours, kit in keys.items()})
     return out, probs, counts
@@ -97,31 +118,62 @@ def log_pr_curve(counts: metrics.Counts, step: int) -> None:
     tf.summary.write("road/pr_curves", table, step=step, metadata=meta.SerializeToString())
 
 
-# TensorBoard tags: the loss first, then the road measures, then the schedule (groups sort by name).
+# TensorBoard tags: the loss first, then the road measures (or the classes'), then the schedule.
 TAGS = {"loss": "loss", "maxf": "road/maxf", "ap": "road/ap", "best_thresh": "road/best_thresh",
         "road_iou": "road/iou", "f1": "road/f1", "precision": "road/precision", "recall": "road/recall"}  # fmt: skip
+tag = lambda key: TAGS.get(key, f"classes/{key}")  # noqa: E731  (miou, pixel_accuracy, iou_<class>)
 TP, FP, FN = (0, 200, 0), (230, 30, 30), (40, 90, 255)
 KITTI_ROAD = (255, 0, 255)
 
 
-def panel(image, label, prob, name: str = "") -> np.ndarray:
-    """Three labelled rows: the image, the ground truth (KITTI's magenta; outside the evaluation area dark),
-    and the prediction's errors: true positives green, false positives red, false negatives blue."""
+def panel(image, label, prob, classes, name: str = "") -> np.ndarray:
+    """Three labelled rows: the image, the ground truth and the prediction (outside the evaluation area dark).
+
+    Two classes: the ground truth in KITTI's magenta, and the prediction's errors: true positives green, false
+    positives red, false negatives blue. More: both as class colours, named in the bar above them.
+    """
     from PIL import Image, ImageDraw
 
-    valid, road, pred = label != data.IGNORE, label == 1, prob >= 0.5
-    gt = predict.overlay(image, road, color=KITTI_ROAD)
+    valid = label != data.IGNORE
+    if len(classes) == 2:
+        road, pred = label == 1, prob[..., 1] >= 0.5
+        gt = predict.overlay(image, road, color=KITTI_ROAD)
+        errors = predict.overlay(image, pred & road & valid, color=TP)
+        errors = predict.overlay(errors, pred & ~road & valid, color=FP)
+        errors = predict.overlay(errors, ~pred & road & valid, color=FN)
+        texts = ("ground truth: road magenta, outside the evaluation area dark",
+                 "prediction at p >= 0.5: right green, false road red, missed road blue")  # fmt: skip
+    else:
+        gt = predict.blend(image, predict.colour_map(classes, label))
+        errors = predict.blend(image, predict.colour_map(classes, prob.argmax(-1)))
+        errors[~valid] //= 3
+        texts = ("ground truth: " + ", ".join(f"{n} {c}" for n, c in classes), "prediction")
     gt[~valid] //= 3
-    errors = predict.overlay(image, pred & road & valid, color=TP)
-    errors = predict.overlay(errors, pred & ~road & valid, color=FP)
-    errors = predict.overlay(errors, ~pred & road & valid, color=FN)
     rows = []
-    for row, text in ((image, name), (gt, "ground truth: road magenta, outside the evaluation area dark"),
-                      (errors, "prediction at p >= 0.5: right green, false road red, missed road blue")):  # fmt: skip
+    for row, text in ((image, name), (gt, texts[0]), (errors, texts[1])):
         bar = Image.new("RGB", (row.shape[1], 12), (0, 0, 0))
         ImageDraw.Draw(bar).text((2, 0), text, fill=(255, 255, 255))
         rows += [np.asarray(bar), row]
     return np.concatenate(rows, axis=0)
+
+
+def confusion_image(cm: np.ndarray, names, cell: int = 40) -> np.ndarray:
+    """The confusion matrix as a picture: each row (a true class) normalised, darker = more of its pixels."""
+    from PIL import Image, ImageDraw
+
+    n, margin = len(names), 8 * max(len(str(name)) for name in names) + 8
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = Image.new("RGB", (margin + n * cell, margin + n * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(im)
+    for i, name in enumerate(names):
+        draw.text((2, margin + i * cell + cell // 3), str(name), fill=(0, 0, 0))  # rows: truth
+        draw.text((margin + i * cell + 2, 2 + (i % 2) * 10), str(name)[: cell // 6], fill=(0, 0, 0))  # columns
+        for j in range(n):
+            v = int(255 * (1 - share[i, j]))
+            box = [margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=(v, v, 255))
+            draw.text((box[0] + 4, box[1] + cell // 3), f"{share[i, j]:.2f}", fill=(0, 0, 0) if v > 128 else (255,) * 3)
+    return np.asarray(im)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -134,6 +186,9 @@ class Records:
 
     def __init__(self, run_dir: Path, model, val, inference_model, cfg, state: dict):
         self.run_dir, self.model, self.cfg, self.state = run_dir, model, cfg, state
+        self.classes = data.class_list(cfg.dataset)
+        self.main = main_score(self.classes)
+        self.best_keys = ("maxf", "ap", "road_iou") if self.main == "maxf" else ("miou", "pixel_accuracy")
         self.val_names, self.val_images, self.val_labels = val
         self.inference_model = inference_model
         self.start = time.time() - 60 * state.get("minutes", 0.0)
@@ -155,7 +210,7 @@ class Records:
         """Log, validate and checkpoint the epoch just finished; return the validation scores."""
         with self.writers["train"].as_default(step=done):
             for k, v in logs.items():
-                tf.summary.scalar(TAGS[k], v)
+                tf.summary.scalar(tag(k), v)
             tf.summary.scalar("schedule/learning_rate", self.learning_rate())
         self.writers["train"].flush()
         scores, every = {}, self.cfg.trainer.val_every
@@ -167,7 +222,7 @@ class Records:
             runs.save_best(self.run_dir, self.inference_model, {"epoch": done, "note": "no validation images"})
         self.state.update(epoch=done, loss=logs["loss"], minutes=(time.time() - self.start) / 60)
         with self.writers["hparams"].as_default(step=done):
-            for k in ("maxf", "ap", "road_iou"):
+            for k in self.best_keys:
                 if f"best_{k}" in self.state:
                     tf.summary.scalar(f"hparams/best_{k}", self.state[f"best_{k}"])
             tf.summary.scalar("hparams/minutes", self.state["minutes"])
@@ -176,21 +231,25 @@ class Records:
         return scores
 
     def validate_and_log(self, done: int) -> dict:
-        """Validation scores, TensorBoard panels and PR curve; a new best MaxF is saved as best.keras."""
+        """Validation scores, TensorBoard panels and the PR curve (two classes) or the confusion matrix (more);
+        a new best score (MaxF or mIoU, see main_score) is saved as best.keras."""
         scores, probs, counts = validate(
-            self.inference_model, self.val_images, self.val_labels, self.cfg.trainer.batch_size
+            self.inference_model, self.val_images, self.val_labels, self.classes, self.cfg.trainer.batch_size
         )
         with self.writers["validation"].as_default(step=done):
             for k, v in scores.items():
-                tf.summary.scalar(TAGS[k], v)
+                tf.summary.scalar(tag(k), v)
             for i in spread(len(probs), self.cfg.trainer.log_images):
-                p = panel(self.val_images[i], self.val_labels[i], probs[i], self.val_names[i])
+                p = panel(self.val_images[i], self.val_labels[i], probs[i], self.classes, self.val_names[i])
                 tf.summary.image(f"panel/{self.val_names[i]}", p[None], step=done)
-            log_pr_curve(counts, done)
+            if self.main == "maxf":
+                log_pr_curve(counts, done)
+            else:
+                tf.summary.image("classes/confusion", confusion_image(counts, [n for n, _ in self.classes])[None])
         self.writers["validation"].flush()
-        if scores["maxf"] > self.state.get("best", -1.0):
-            self.state.update(best=scores["maxf"], best_epoch=done)
-            self.state.update({f"best_{k}": scores[k] for k in ("maxf", "ap", "road_iou")})
+        if scores[self.main] > self.state.get("best", -1.0):
+            self.state.update(best=scores[self.main], best_epoch=done)
+            self.state.update({f"best_{k}": scores[k] for k in self.best_keys})
             runs.save_best(self.run_dir, self.inference_model, {"epoch": done, **scores})
         return scores
 
@@ -203,7 +262,7 @@ class Records:
 
 
 def out_of_patience(state: dict, done: int, patience: int | None, val_every: int) -> bool:
-    """Early stopping (trainer.patience): this many validations in a row without a better MaxF."""
+    """Early stopping (trainer.patience): this many validations in a row without a better main score."""
     return bool(patience and "best_epoch" in state and (done - state["best_epoch"]) // val_every >= patience)
 
 
@@ -250,7 +309,9 @@ def check_finite(loss: float, finished: int, batch: int) -> None:
 def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
     """The model with its optimizer (AdamW, warm-up then cosine decay), as train_step and save_weights use it."""
     t = cfg.trainer
-    model = build(cfg.model)
+    model = build(cfg.model, data.class_list(cfg.dataset))
+    if cfg.model.init:
+        init_from(model, cfg.model.init)
     total = max(1, t.epochs * steps_per_epoch)
     warmup = min(total - 1, round(t.warmup_epochs * steps_per_epoch))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -271,7 +332,7 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
 def train_step(strategy, model, class_weights=None, jit_compile: bool = False):
     """A function that makes one optimizer step on the next batch of a distributed iterator.
 
-    It returns the batch's loss and road [TP, FP, FN]. Every replica divides its summed loss by the valid
+    It returns the batch's loss and confusion matrix. Every replica divides its summed loss by the valid
     pixels of the whole global batch (an all-reduce), so the gradients the optimizer sums over replicas and
     workers are those of one pixel mean: the same step on one device or split over several machines.
     """
@@ -285,7 +346,7 @@ def train_step(strategy, model, class_weights=None, jit_compile: bool = False):
             scaled = optimizer.scale_loss(loss)  # float16 loss scaling; the loss itself otherwise
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss, road_counts(y, logits)
+        return loss, confusion_counts(y, logits, model.output_shape[-1])
 
     @tf.function(jit_compile=jit_compile)
     def on_batch(batch):
@@ -346,7 +407,7 @@ def setup(cfg):
 def get_data(cfg):
     """The training and validation samples, and the scale the network sees native frames at."""
     root = data.prepare(cfg.dataset)
-    samples = data.list_samples(root, "training", cfg.dataset.categories, cfg.dataset.task)
+    samples = data.training_samples(root, cfg.dataset)
     train_s, val_s = data.split_samples(samples, cfg.dataset)
     # From the image headers of the whole training split, so that every worker's best.keras is the same.
     scale = data.input_scale([data.image_size(s.image) for s in train_s], cfg.dataset)
@@ -366,9 +427,9 @@ def start_state(cfg, run_dir: Path, model, chief: bool) -> dict:
 
 
 def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int) -> dict:
-    """`steps` optimizer steps; the epoch's mean loss and road scores at the argmax."""
+    """`steps` optimizer steps; the epoch's mean loss and scores at the argmax (train_scores)."""
     bar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=["loss"])
-    total, counts = 0.0, np.zeros(3)
+    total, counts = 0.0, 0
     for b in range(steps):
         try:
             loss, c = step(batches)
@@ -385,7 +446,7 @@ def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int) -> dict
         total += loss
         counts += c.numpy()
         bar.update(b + 1, [("loss", total / (b + 1))])
-    return {"loss": total / steps, **road_scores(counts)}
+    return {"loss": total / steps, **train_scores(counts)}
 
 
 def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
@@ -430,8 +491,9 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
     if chief:
         # The network trains on train_size frames; its twin takes native frames, resizes them the same way
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).
-        val = ([s.name for s in val_s], *data.load(val_s))
-        records = Records(run_dir, model, val, build(cfg.model, input_scale=scale), cfg, state)
+        val = ([s.name for s in val_s], *data.load(val_s, cfg.dataset))
+        twin = build(cfg.model, data.class_list(cfg.dataset), input_scale=scale)
+        records = Records(run_dir, model, val, twin, cfg, state)
     verbose = 2 if os.environ.get("CI") else 1
     try:
         for epoch in range(done, t.epochs):
@@ -454,8 +516,9 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
     if chief:
         records.finish()
         if "best" in state:
+            name = {"maxf": "MaxF", "miou": "mIoU"}[records.main]
             print(
-                f"done in {minutes:.1f} min: best val MaxF {state['best']:.4f} at epoch {state['best_epoch']} | run: {run_dir}"
+                f"done in {minutes:.1f} min: best val {name} {state['best']:.4f} at epoch {state['best_epoch']} | run: {run_dir}"
             )
         else:
             print(f"done in {minutes:.1f} min: no validation images, best.keras is the last epoch | run: {run_dir}")

@@ -188,7 +188,7 @@ def test_ground_truth_without_its_image_is_one_error(tmp_path):
 def test_ground_truth_of_another_size_than_its_image_is_one_error(tmp_path):
     write(tmp_path / "training/image_2/um_000000.png", np.zeros((4, 6, 3), np.uint8))
     write(tmp_path / "training/gt_image_2/um_road_000000.png", np.zeros((4, 5, 3), np.uint8))
-    with pytest.raises(data.DatasetError, match=r"um_road_000000.png: ground truth is 5x4 but its image .* is 6x4"):
+    with pytest.raises(data.DatasetError, match=r"um_road_000000.png: the mask is 5x4 but its image .* is 6x4"):
         data.load(data.list_samples(tmp_path))
 
 

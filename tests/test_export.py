@@ -51,8 +51,19 @@ def test_export_matches_the_keras_model_at_any_size(run, tmp_path, fmt, name):
     for batch in batches():
         expected = keras_fn(batch)
         got = exported(batch)
-        assert got.shape == expected.shape == batch.shape[:3]
+        assert got.shape == expected.shape == (*batch.shape[:3], 2)
         np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_exports_keep_road_probability_for_existing_consumers(run, tmp_path):
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(export.export_run(run, "savedmodel", tmp_path / "sm"))).signatures[
+        "serving_default"
+    ]
+    out = serve(image=tf.constant(batches()[0]))
+    np.testing.assert_allclose(out["road_probability"].numpy(), out["probabilities"].numpy()[..., 1], atol=1e-7)
+    assert json.loads((tmp_path / "sm.json").read_text())["classes"][1] == {"name": "road", "colour": [255, 0, 255]}
 
 
 def test_mirror_averaging_is_the_same_in_predict_and_in_an_export(run, tmp_path):
@@ -71,7 +82,7 @@ def test_quantised_tflite_agrees_on_the_mask(run, tmp_path, quantize):
     keras_fn = float32_keras(run)
     exported = predict.load(export.export_run(run, "tflite", tmp_path / "q.tflite", quantize))
     for batch in batches():
-        assert np.mean((exported(batch) >= 0.5) == (keras_fn(batch) >= 0.5)) >= 0.99
+        assert np.mean((exported(batch)[..., 1] >= 0.5) == (keras_fn(batch)[..., 1] >= 0.5)) >= 0.99
 
 
 def infer(*args):

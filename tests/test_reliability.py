@@ -129,14 +129,15 @@ def bounded_fields(node=config.Config, path=""):
     """(key, an out-of-range value) for every field of the schema that has bounds."""
     for f in dataclasses.fields(node):
         hint = typing.get_type_hints(node)[f.name]
-        sub = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
-        if sub is not None:
-            yield from bounded_fields(sub, f"{path}{f.name}.")
+        types = (hint, *typing.get_args(hint))
+        sub = next((t for t in (*types, *typing.get_args(types[-1])) if dataclasses.is_dataclass(t)), None)
+        if sub is not None:  # a node, or a list of them (dataset.classes: its first item)
+            yield from bounded_fields(sub, f"{path}{f.name}.{'0.' if list in map(typing.get_origin, types) else ''}")
         if "bounds" in f.metadata:
             lo, hi, open_lo, _ = f.metadata["bounds"]
             bad = (lo if open_lo else lo - 1) if lo is not None else hi + 1
-            length = f.metadata["length"]
-            yield path + f.name, f"[{','.join([str(bad)] * length)}]" if length else str(bad)
+            many = f.metadata["length"] or (2 if list in map(typing.get_origin, types) else 0)  # 2: one per class
+            yield path + f.name, f"[{','.join([str(bad)] * many)}]" if many else str(bad)
 
 
 @pytest.mark.parametrize("key,bad", list(bounded_fields()))

@@ -1,4 +1,4 @@
-"""Road datasets in the KITTI data_road layout, real or synthetic, read one way.
+"""Datasets: KITTI's data_road layout (real or synthetic), and a folder of images and masks (your own data).
 
     <root>/training/image_2/um_000000.png          camera image
     <root>/training/gt_image_2/um_road_000000.png  ground truth: (255,0,255) road, (255,0,0) non-road,
@@ -8,6 +8,12 @@
 
 Labels are read as the benchmark reads them: valid = red > 0, road = blue > 0 inside it, everything else
 IGNORE (the loss and the metrics skip it). Never "not red means road".
+
+    <root>/images/frame_0001.jpg    the folder layout (dataset=folder): any names, .png or .jpg
+    <root>/masks/frame_0001.png     the same stem: class numbers 0..N-1 (dataset.masks=index, an ignore value
+                                    besides) or the classes' RGB colours (dataset.masks=colour)
+
+Either way a label is an HxW uint8 array of class numbers 0..N-1 (KITTI: 0 non-road, 1 road), IGNORE elsewhere.
 """
 
 import hashlib
@@ -26,6 +32,7 @@ from segnet.metrics import gt_masks
 
 IGNORE = 255  # label of pixels outside the evaluation area
 CATEGORIES = ("um", "umm", "uu")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass
@@ -37,7 +44,48 @@ class Sample:
 
     @property
     def category(self) -> str:
-        return self.name.rsplit("_", 1)[0]
+        """The name's prefix ("um" of um_000000, "" of IMG1234): the validation split takes the last of each."""
+        return self.name.rpartition("_")[0]
+
+
+def class_list(d) -> tuple:
+    """((name, (r, g, b)), ...) of the dataset config's classes, as segnet.model.fcn takes them."""
+    return tuple((str(c.name), tuple(int(v) for v in c.colour)) for c in d.classes)
+
+
+def training_samples(root, d) -> list[Sample]:
+    """The labelled images of the dataset config d, in either layout."""
+    if d.layout == "folder":
+        return folder_samples(root)
+    return list_samples(root, "training", d.categories, d.task)
+
+
+def folder_samples(root) -> list[Sample]:
+    """root/images/<stem>.png|jpg paired with root/masks/<stem>.png; every unpaired file is an error."""
+    root = Path(root)
+    image_dir, mask_dir = root / "images", root / "masks"
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{folder} does not exist: the folder layout wants dataset.root to hold images/ and masks/ "
+                f"(got dataset.root={root}; for KITTI's layout use dataset=kitti)"
+            )
+    images, masks = {}, {p.stem: p for p in sorted(mask_dir.glob("*.png"))}
+    for p in sorted(image_dir.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.stem in images:
+                raise DatasetError(f"{p} and {images[p.stem]}: two images of one name; keep one")
+            images[p.stem] = p
+    if not images:
+        raise DatasetError(f"{image_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}); nothing to train on")
+    problems = [f"{p}: no mask {mask_dir / p.stem}.png; add the mask or remove the image"
+                for stem, p in images.items() if stem not in masks]  # fmt: skip
+    problems += [f"{p}: a mask without its image in {image_dir}; add the image or remove the mask"
+                 for stem, p in masks.items() if stem not in images]  # fmt: skip
+    if problems:
+        more = f" ({len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        raise DatasetError(problems[0] + more)
+    return [Sample(stem, images[stem], masks[stem], None) for stem in sorted(images)]
 
 
 def list_samples(root, split: str = "training", categories=CATEGORIES, task: str = "road") -> list[Sample]:
@@ -178,6 +226,43 @@ def read_label(path) -> np.ndarray:
     return np.where(valid, road.astype(np.uint8), np.uint8(IGNORE))
 
 
+def read_mask(path, d) -> np.ndarray:
+    """HxW uint8 of class numbers and IGNORE from a folder-layout mask; refuses values that are not classes."""
+    index = d.masks == "index"
+    try:
+        with Image.open(path) as im:
+            if index and im.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(
+                    f"{path}: a {im.mode} image, but dataset.masks=index wants one channel of class numbers "
+                    "(8-bit grey or palette PNG); for masks painted in the classes' colours set dataset.masks=colour"
+                )
+            pixels = np.asarray(im if index else im.convert("RGB")).astype(np.int64)
+    except (OSError, ValueError) as e:
+        raise unreadable(path, e) from None
+    rgb = lambda c: (c[0] << 16) | (c[1] << 8) | c[2]  # noqa: E731  (one number per colour)
+    codes = pixels if index else rgb(np.moveaxis(pixels, -1, 0))
+    classes = range(len(d.classes)) if index else [rgb(c.colour) for c in d.classes]
+    ignore = d.ignore_index if index else (None if d.ignore_colour is None else rgb(d.ignore_colour))
+    lookup = {code: k for k, code in enumerate(classes)} | ({} if ignore is None else {ignore: IGNORE})
+    values, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    mapped = np.array([lookup.get(v, -1) for v in values])
+    if (mapped < 0).any():
+        bad = sorted(zip(counts[mapped < 0], values[mapped < 0], strict=True), reverse=True)
+        show = str if index else lambda v: f"({v >> 16},{v >> 8 & 255},{v & 255})"
+        key = "ignore_index" if index else "ignore_colour"
+        raise DatasetError(
+            f"{path}: {sum(c for c, _ in bad)} pixels have {'values' if index else 'colours'} of no class "
+            f"(commonest: {', '.join(f'{show(v)} x{c}' for c, v in bad[:3])}); add the class to dataset.classes, "
+            f"set dataset.{key}, or save the mask as PNG without smoothing (nearest-neighbour resizing)"
+        )
+    return mapped[inverse].reshape(codes.shape).astype(np.uint8)
+
+
+def label_reader(d):
+    """path -> label for the dataset config d (None: KITTI's ground truth)."""
+    return read_label if d is None or d.layout == "kitti" else lambda path: read_mask(path, d)
+
+
 def resize(image: np.ndarray, size, label: bool = False) -> np.ndarray:
     """Resize to size=(H, W); labels with nearest neighbour so classes never blend."""
     h, w = size
@@ -187,15 +272,16 @@ def resize(image: np.ndarray, size, label: bool = False) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), resample))
 
 
-def load(samples: list[Sample]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def load(samples: list[Sample], d=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Images and labels at native resolution, with a size check that names the culprit."""
     images, labels = [], []
+    read = label_reader(d)
     for s in samples:
-        image, label = read_image(s.image), read_label(s.gt)
+        image, label = read_image(s.image), read(s.gt)
         if image.shape[:2] != label.shape:
             raise DatasetError(
-                f"{s.gt}: ground truth is {label.shape[1]}x{label.shape[0]} but its image {s.image} is "
-                f"{image.shape[1]}x{image.shape[0]}; they must be the same size"
+                f"{s.gt}: the mask is {label.shape[1]}x{label.shape[0]} but its image {s.image} is "
+                f"{image.shape[1]}x{image.shape[0]}; they must be the same size (resize the mask with nearest-neighbour)"
             )
         images.append(image)
         labels.append(label)
@@ -227,10 +313,11 @@ def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray]:
     """
     if cfg.cache == "disk":
         files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for s in samples for p in (s.image, s.gt)]
-        spec = {"files": files, "mode": str(cfg.train_mode), "size": list(cfg.train_size)}
+        spec = {"files": files, "mode": str(cfg.train_mode), "size": list(cfg.train_size),
+                "labels": [str(cfg.layout), str(cfg.masks), str(cfg.classes), cfg.ignore_index, str(cfg.ignore_colour)]}  # fmt: skip
         folder = Path(cfg.cache_dir) / hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:16]
         if not folder.exists():
-            x, y = training_arrays(*load(samples), cfg)
+            x, y = training_arrays(*load(samples, cfg), cfg)
             tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -241,7 +328,7 @@ def training_set(samples: list[Sample], cfg) -> tuple[np.ndarray, np.ndarray]:
             except OSError:  # another process (a second worker) wrote the same cache first
                 shutil.rmtree(tmp)
         return np.load(folder / "x.npy", mmap_mode="r"), np.load(folder / "y.npy", mmap_mode="r")
-    return training_arrays(*load(samples), cfg)
+    return training_arrays(*load(samples, cfg), cfg)
 
 
 def input_scale(sizes, cfg) -> tuple[float, float]:
@@ -362,5 +449,5 @@ def prepare(cfg) -> Path:
         from segnet.data import synthetic
 
         s = cfg.synthetic
-        synthetic.generate(root, s.num_train, s.num_test, s.height, s.width, s.seed)
+        synthetic.generate(root, s.num_train, s.num_test, s.height, s.width, s.seed, layout=str(cfg.layout))
     return root

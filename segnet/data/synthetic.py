@@ -14,6 +14,9 @@ and blur go on last, so brightness alone never separates road from non-road.
 Categories follow KITTI: um (two marked lanes), umm (several marked lanes), uu (unmarked, ragged edges).
 About half the images have an area outside the evaluation (black in the ground truth): a band at the
 top, the ego vehicle's hood at the bottom, or, as in KITTI, the other carriageway beyond a median.
+
+The label is drawn with six classes (CLASSES). layout="kitti" writes it reduced to road / non-road, in
+KITTI's colours; layout="folder" writes the same scenes as images/ and masks/ of the class codes.
 """
 
 import json
@@ -30,9 +33,14 @@ CATEGORIES = ("um", "umm", "uu")
 SPLITS = ("training", "testing")
 VERSION = 1  # bump when the scenes change, so datasets already on disk are regenerated
 KITTI_FOCAL, KITTI_WIDTH = 721.5377, 1242
-NONROAD, ROAD = 0, 1  # the label codes segnet.data reads the masks back into, IGNORE included
-GT_COLOURS = np.zeros((256, 3), np.uint8)  # indexed by label code; IGNORE stays black
+CLASSES = ("background", "road", "lane_marking", "sidewalk", "car", "sky")  # the folder layout's mask codes
+BACKGROUND, ROAD, LANE, SIDEWALK, CAR, SKY = range(len(CLASSES))  # and IGNORE
+NONROAD = 0  # the KITTI layout's codes: NONROAD, ROAD and IGNORE, as segnet.data reads its masks back
+BINARY = np.zeros(256, np.uint8)  # class code -> KITTI code; a lane marking is road to the benchmark
+BINARY[[ROAD, LANE]], BINARY[IGNORE] = ROAD, IGNORE
+GT_COLOURS = np.zeros((256, 3), np.uint8)  # indexed by KITTI code; IGNORE stays black
 GT_COLOURS[NONROAD], GT_COLOURS[ROAD] = (255, 0, 0), (255, 0, 255)
+LAYOUTS = {"kitti": SPLITS, "folder": ("images", "masks", "test")}  # the folders a layout writes under root
 
 
 def complete(marker: Path, params: dict) -> bool:
@@ -42,14 +50,22 @@ def complete(marker: Path, params: dict) -> bool:
         return False
 
 
-def generate(root, num_train: int, num_test: int, height: int, width: int, seed: int) -> Path:
-    """Write the dataset under root unless a complete one with the same parameters is already there; return root."""
+def generate(root, num_train: int, num_test: int, height: int, width: int, seed: int, layout: str = "kitti") -> Path:
+    """Write the dataset under root unless a complete one with the same parameters is already there; return root.
+
+    layout "kitti": data_road folders, road / non-road. "folder": images/ and masks/ (class codes, IGNORE
+    outside the evaluation) of the training scenes and test/ of the test scenes; the same images either way.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {list(LAYOUTS)}")
     root = Path(root)
     params = dict(version=VERSION, num_train=num_train, num_test=num_test, height=height, width=width, seed=seed)
+    if layout != "kitti":  # the kitti marker stays as it was, so datasets already on disk are still complete
+        params["layout"] = layout
     marker = root / "synthetic.json"
     if complete(marker, params):
         return root
-    if not marker.exists() and ((root / "training").exists() or (root / "testing").exists()):
+    if not marker.exists() and any((root / folder).exists() for folder in LAYOUTS[layout]):
         # Without our marker this may be real data: never delete what we did not write.
         raise FileExistsError(
             f"{root} holds a dataset without synthetic.json, so it was not generated here; "
@@ -58,20 +74,27 @@ def generate(root, num_train: int, num_test: int, height: int, width: int, seed:
 
     tmp = Path(f"{root}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    kitti = ("training/image_2", "training/gt_image_2", "training/calib", "testing/image_2", "testing/calib")
+    for folder in kitti if layout == "kitti" else LAYOUTS[layout]:
+        (tmp / folder).mkdir(parents=True)
     for code, (split, n) in enumerate(zip(SPLITS, (num_train, num_test), strict=True)):
-        folders = ("image_2", "gt_image_2", "calib") if split == "training" else ("image_2", "calib")
-        for folder in folders:
-            (tmp / split / folder).mkdir(parents=True)
         for i in range(n):
             cat, idx = CATEGORIES[i % 3], f"{i // 3:06d}"
             # One generator per image, so an image does not depend on how many others are generated.
             rng = np.random.default_rng([seed, code, i])
             s = scene(rng, cat, height, width)
             image, label = render(s, rng)
-            Image.fromarray(image).save(tmp / split / "image_2" / f"{cat}_{idx}.png")
-            if split == "training":
-                Image.fromarray(GT_COLOURS[label]).save(tmp / split / "gt_image_2" / f"{cat}_road_{idx}.png")
-            (tmp / split / "calib" / f"{cat}_{idx}.txt").write_text(calib_text(s))
+            if layout == "kitti":
+                Image.fromarray(image).save(tmp / split / "image_2" / f"{cat}_{idx}.png")
+                if split == "training":
+                    gt = GT_COLOURS[BINARY[label]]
+                    Image.fromarray(gt).save(tmp / split / "gt_image_2" / f"{cat}_road_{idx}.png")
+                (tmp / split / "calib" / f"{cat}_{idx}.txt").write_text(calib_text(s))
+            elif split == "training":
+                Image.fromarray(image).save(tmp / "images" / f"{cat}_{idx}.png")
+                Image.fromarray(label).save(tmp / "masks" / f"{cat}_{idx}.png")  # mode L: the class codes
+            else:
+                Image.fromarray(image).save(tmp / "test" / f"{cat}_{idx}.png")
     (tmp / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
 
     try:
@@ -84,9 +107,9 @@ def generate(root, num_train: int, num_test: int, height: int, width: int, seed:
     # root exists (perhaps with other files in it): spoil the marker first, so a crash part way through
     # the swap leaves a dataset that is regenerated next time, then move the marker in last.
     marker.write_text('{"incomplete": true}\n')
-    for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
-        os.replace(tmp / split, root / split)
+    for folder in LAYOUTS[layout]:
+        shutil.rmtree(root / folder, ignore_errors=True)
+        os.replace(tmp / folder, root / folder)
     os.replace(tmp / "synthetic.json", marker)
     tmp.rmdir()
     return root
@@ -336,7 +359,7 @@ def place_objects(s, rng):
 
 
 def render(s, rng):
-    """The scene as an (H, W, 3) uint8 image and an (H, W) label of NONROAD, ROAD and IGNORE codes."""
+    """The scene as an (H, W, 3) uint8 image and an (H, W) label of CLASSES codes and IGNORE."""
     H, W, f = s["height"], s["width"], s["f"]
     dx, dy, dz = rays(s)
     ground = dy > 1e-6
@@ -351,13 +374,14 @@ def render(s, rng):
     wdirt = np.clip((mix - s["dirt_level"]) * 6 + 0.5, 0, 1)[..., None]
     img = s["grass"] * (1 - wdirt) + s["dirt"] * wdirt
     img = img * (0.8 + 0.4 * noise(rng, X, Z, 0.4) + 0.08 * grain)[..., None]
-    label = np.full((H, W), NONROAD, np.uint8)
+    label = np.full((H, W), BACKGROUND, np.uint8)
 
     # Sidewalks with a bright curb stone at the road edge.
     for side, width in zip((-1, 1), s["sidewalk"], strict=True):
         edge = left if side < 0 else right
         off = side * (lat - edge)
         walk = (off >= 0) & (off < width)
+        label[ground & walk] = SIDEWALK  # the curb too
         tone = s["sidewalk_colour"] * (0.93 + 0.14 * noise(rng, X, Z, 0.7) + 0.04 * grain)[..., None]
         img = np.where(walk[..., None], tone, img)
         img = np.where((walk & (off < 0.2))[..., None], np.float32(0.78), img)
@@ -384,8 +408,9 @@ def render(s, rng):
     if s["zebra"] is not None:
         a = (np.abs(Z - s["zebra"]) < 1.5) & ((lat % 1.0) < 0.5)
         paint, colour = np.maximum(paint, a), np.where(a[..., None], 0.92, colour)
-    paint = (paint * on_main * s["paint_wear"] * (0.7 + 0.3 * noise(rng, X, Z, 0.5)))[..., None]
-    img = img * (1 - paint) + colour * paint
+    paint = paint * on_main * s["paint_wear"] * (0.7 + 0.3 * noise(rng, X, Z, 0.5))
+    label[paint >= 0.5] = LANE  # mostly paint, not mostly asphalt; on_main keeps it on the road
+    img = img * (1 - paint[..., None]) + colour * paint[..., None]
 
     # Shadows over everything on the ground, so darkness alone is not a cue for road or not.
     shade = np.zeros((H, W), bool)
@@ -413,20 +438,23 @@ def render(s, rng):
     leaves = np.array([0.16, 0.24, 0.12]) * (0.7 + 0.6 * noise(rng, az * 300, elev * 300, 1.0))[..., None]
     img = np.where(in_trees[..., None], leaves, img)
     img = np.where(in_blocks[..., None], stone * (0.9 + 0.1 * np.sign(np.sin(az * 40)))[..., None], img)
-    label[in_trees | in_blocks] = NONROAD
+    label[~ground] = SKY
+    label[in_trees | in_blocks] = BACKGROUND
 
     # Solid things, far to near, drawn with PIL on the image and the label alike (no antialiasing).
     im = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     lab = Image.fromarray(label)
-    draw, draw_label = ImageDraw.Draw(im), ImageDraw.Draw(lab)
+    draw, draw_label = ImageDraw.Draw(im), LabelPen(lab)
     for _, kind, p in s["objects"]:
+        draw_label.code = CAR if kind == "car" else BACKGROUND
         {"box": draw_box, "tree": draw_tree, "car": draw_car}[kind](s, draw, draw_label, *p)
     if s["ignore"] == "hood":
         hood_h, colour, spread = s["hood"]
         box = [s["cx"] - spread * W, H - hood_h, s["cx"] + spread * W, H - hood_h + 6 * hood_h]
         draw.ellipse(box, fill=rgb(colour))
         draw.ellipse([box[0] + 0.3 * W, box[1] + 0.3 * hood_h, box[2] - 0.3 * W, box[3]], fill=rgb(colour * 1.3 + 0.05))
-        draw_label.ellipse(box, fill=IGNORE)
+        draw_label.code = IGNORE
+        draw_label.ellipse(box)
     img = np.asarray(im).astype(np.float32) / 255
     label = np.array(lab)
     if s["ignore"] == "top":
@@ -444,18 +472,31 @@ def render(s, rng):
     return np.asarray(im), label
 
 
+class LabelPen:
+    """Draws on the label image in the class of the object being drawn, so the shapes need not know it."""
+
+    def __init__(self, image):
+        self.draw, self.code = ImageDraw.Draw(image), BACKGROUND
+
+    def polygon(self, xy):
+        self.draw.polygon(xy, fill=self.code)
+
+    def ellipse(self, box):
+        self.draw.ellipse(box, fill=self.code)
+
+
 def rgb(c):
     return tuple(int(v) for v in np.clip(np.asarray(c) * 255, 0, 255))
 
 
 def polygon(s, draw, draw_label, points, colour):
-    """Project road-coordinate points and fill their polygon on the image; the label becomes non-road."""
+    """Project road-coordinate points and fill their polygon on the image and the label."""
     uv, depth = project(s, points)
     if (depth < 0.5).any():
         return
     xy = [tuple(p) for p in uv]
     draw.polygon(xy, fill=rgb(colour))
-    draw_label.polygon(xy, fill=NONROAD)
+    draw_label.polygon(xy)
 
 
 def box_corners(x, z, width, length, height, yaw):
@@ -509,7 +550,7 @@ def draw_tree(s, draw, draw_label, x, z, r, trunk, green, seed):
         return
     (u, v), rp = uv[0], s["f"] * r / depth[0]
     draw.ellipse([u - rp, v - rp, u + rp, v + rp], fill=rgb(green))
-    draw_label.ellipse([u - rp, v - rp, u + rp, v + rp], fill=NONROAD)
+    draw_label.ellipse([u - rp, v - rp, u + rp, v + rp])
     rng = np.random.default_rng(seed)
     for _ in range(6):
         du, dv, rr = rng.uniform(-0.45, 0.45) * rp, rng.uniform(-0.45, 0.45) * rp, rng.uniform(0.3, 0.5) * rp
