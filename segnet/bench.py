@@ -124,15 +124,16 @@ def run(cfg, repeats: int) -> dict:
 
     # (d) inference on a full KITTI frame, through the twin that resizes it to the training scale.
     scale = data.input_scale([KITTI_FRAME], cfg.dataset)
-    infer = build(cfg.model, input_scale=scale)
+    classes = data.class_list(cfg.dataset)
+    infer = build(cfg.model, classes, input_scale=scale)
     infer.set_weights(model.get_weights())
     frame = frames[:1].astype("float32")
     result["infer_ms_per_frame"] = 1000 * median_seconds(lambda: infer.predict_on_batch(frame), repeats, warmup=2)
 
     # (e) counted FLOPs, and the share of the measured convolution peak they reach.
-    fwd = count_flops(build(cfg.model), th, tw)
+    fwd = count_flops(build(cfg.model, classes), th, tw)
     sh, sw = round(KITTI_FRAME[0] * scale[0]), round(KITTI_FRAME[1] * scale[1])
-    infer_flops = count_flops(build(cfg.model), -(-sh // 32) * 32, -(-sw // 32) * 32)
+    infer_flops = count_flops(build(cfg.model, classes), -(-sh // 32) * 32, -(-sw // 32) * 32)
     peak = result["peak_gflops"]["conv3x3_bfloat16" if precision == "bfloat16" else "conv3x3_float32"]
     result["gflop_forward_train_size"] = fwd / 1e9
     result["gflop_infer_frame"] = infer_flops / 1e9

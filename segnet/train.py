@@ -130,7 +130,7 @@ def panel(image, label, prob, classes, name: str = "") -> np.ndarray:
     """Three labelled rows: the image, the ground truth and the prediction (outside the evaluation area dark).
 
     Two classes: the ground truth in KITTI's magenta, and the prediction's errors: true positives green, false
-    positives red, false negatives blue. More: both as class colours, named in the bar above them.
+    positives red, false negatives blue. More: both in the classes' colours (the dataset config's).
     """
     from PIL import Image, ImageDraw
 
@@ -147,7 +147,7 @@ def panel(image, label, prob, classes, name: str = "") -> np.ndarray:
         gt = predict.blend(image, predict.colour_map(classes, label))
         errors = predict.blend(image, predict.colour_map(classes, prob.argmax(-1)))
         errors[~valid] //= 3
-        texts = ("ground truth: " + ", ".join(f"{n} {c}" for n, c in classes), "prediction")
+        texts = ("ground truth in the classes' colours, outside the evaluation area dark", "prediction (argmax)")
     gt[~valid] //= 3
     rows = []
     for row, text in ((image, name), (gt, texts[0]), (errors, texts[1])):
@@ -158,19 +158,20 @@ def panel(image, label, prob, classes, name: str = "") -> np.ndarray:
 
 
 def confusion_image(cm: np.ndarray, names, cell: int = 40) -> np.ndarray:
-    """The confusion matrix as a picture: each row (a true class) normalised, darker = more of its pixels."""
+    """The confusion matrix as a picture: a row per true class, normalised, a column per predicted class."""
     from PIL import Image, ImageDraw
 
-    n, margin = len(names), 8 * max(len(str(name)) for name in names) + 8
+    n, left, top = len(names), 6 * max(len(str(name)) for name in names) + 8, 28
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    im = Image.new("RGB", (margin + n * cell, margin + n * cell), (255, 255, 255))
+    im = Image.new("RGB", (left + n * cell, top + n * cell), (255, 255, 255))
     draw = ImageDraw.Draw(im)
+    draw.text((2, 2), "rows: truth, columns: prediction", fill=(0, 0, 0))
     for i, name in enumerate(names):
-        draw.text((2, margin + i * cell + cell // 3), str(name), fill=(0, 0, 0))  # rows: truth
-        draw.text((margin + i * cell + 2, 2 + (i % 2) * 10), str(name)[: cell // 6], fill=(0, 0, 0))  # columns
+        draw.text((2, top + i * cell + cell // 3), str(name), fill=(0, 0, 0))
+        draw.text((left + i * cell + 2, 16), str(name)[: cell // 6], fill=(0, 0, 0))
         for j in range(n):
             v = int(255 * (1 - share[i, j]))
-            box = [margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1]
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1]
             draw.rectangle(box, fill=(v, v, 255))
             draw.text((box[0] + 4, box[1] + cell // 3), f"{share[i, j]:.2f}", fill=(0, 0, 0) if v > 128 else (255,) * 3)
     return np.asarray(im)
