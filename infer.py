@@ -192,24 +192,26 @@ def predict_images(args, images, targets, timer, threshold, homographies, classe
     from segnet import data, metrics, predict
 
     written = [kind for kind in dict.fromkeys(kind for _, kind in targets) if kind != "video"]
-    road = predict.road_index(classes)
+    channel = {f"prob_{name}": c for c, (name, _) in enumerate(classes)}  # the class each 8-bit map shows
+    if (road := predict.road_index(classes)) is not None:
+        channel["prob"] = channel["kitti"] = road
     bar = keras.utils.Progbar(len(images), unit_name="image") if len(images) > 1 else None
     for k in range(0, len(images), CHUNK):
         chunk = images[k : k + CHUNK]
         arrays = [data.read_image(p) for p in chunk]
         for p, image, prob in zip(chunk, arrays, timer.predict(arrays), strict=True):
             mask, over = render(image, prob, threshold, args.uncertain, classes)
-            out = {"mask": mask, "overlay": over, **{f"prob_{n}": metrics.to_uint8_prob(prob[..., k])
-                                                     for k, (n, _) in enumerate(classes)}}  # fmt: skip
-            if road is not None:
-                out["prob"] = out["kitti"] = metrics.to_uint8_prob(prob[..., road])
+            out = {"mask": mask, "overlay": over}
+            out = {
+                kind: out[kind] if kind in out else metrics.to_uint8_prob(prob[..., channel[kind]]) for kind in written
+            }
             if args.bev:
                 out = {kind: metrics.to_bev(a, homographies[p]) for kind, a in out.items()}
             for kind in written:  # whole files only: a stop never leaves a truncated PNG under a final name
                 runs.save_atomic(targets[(p, kind)], lambda t, a=out[kind]: Image.fromarray(a).save(t, format="PNG"))
             if bar is None:
-                share = f"{(prob.argmax(-1) == road).mean():.1%} road" if road is not None else "classes"
-                print(f"{p}: {share} -> {', '.join(str(targets[(p, kind)]) for kind in written)}")
+                share = f"{(mask > 0).mean():.1%} road " if len(classes) == 2 else ""
+                print(f"{p}: {share}-> {', '.join(str(targets[(p, kind)]) for kind in written)}")
         if bar is not None:
             bar.add(len(chunk))
     if bar is not None:
