@@ -137,6 +137,19 @@ def test_two_classes_give_the_road_probability_and_counts_of_before():
     assert [cm[1, 1], cm[0, 1], cm[1, 0]] == expected and cm.sum() == valid.sum()
 
 
+def test_images_of_mixed_sizes_train_at_train_size_and_predict_at_their_own(tmp_path):
+    sizes = {"a": (40, 60), "b": (30, 90), "c": (40, 60)}
+    root = write_folder(tmp_path, {s: np.ones(hw, np.uint8) for s, hw in sizes.items()})
+    d = folder_config(root, "dataset.train_size=[32,64]")
+    samples = data.training_samples(root, d)
+    x, y = data.training_set(samples, d)
+    assert x.shape == (3, 32, 64, 3) and y.shape == (3, 32, 64) and (y == 1).all()
+    scale = data.input_scale([data.image_size(s.image) for s in samples], d)
+    model = fcn("fcn8", width=1 / 16, input_scale=scale)
+    images = data.load(samples, d)[0]
+    assert [p.shape for p in predict.predict(model, images)] == [(*hw, 2) for hw in sizes.values()]
+
+
 # -----------------------------------------------------------------------------
 # model.init
 
