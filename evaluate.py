@@ -52,9 +52,7 @@ def evaluate(cfg, out: Path) -> dict:
             f"the model predicts {[n for n, _ in model.classes]}, the dataset's classes are {names}: "
             "evaluate with the dataset config it was trained with"
         )
-    print(
-        f"model {predict.model_path(e.run, cfg.outputs)} in {model.precision}" + (", mirror-averaged" if e.flip else "")
-    )
+    print(f"model {runs.model_path(e.run, cfg.outputs)} in {model.precision}" + (", mirror-averaged" if e.flip else ""))
     if cfg.dataset.layout == "folder":
         return class_results(model, val, cfg.dataset, e.flip, classes)
     maps = out / "maps"

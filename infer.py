@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
         images = [p for p in paths if p not in videos]
         video_io = imageio() if videos else None
-        path = predict.model_path(args.model)
+        path = runs.model_path(args.model)
         model = predict.load(path, precision=args.precision)
         if args.kitti_submission and predict.road_index(model.classes) is None:
             raise errors.UserError(f"{path}: --kitti-submission needs a class named road; this model has none")

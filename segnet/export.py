@@ -80,7 +80,7 @@ def export(model: keras.Model, fmt: str, out: Path, quantize: str = "none", flip
 
 def export_run(model, fmt: str, out: Path | None = None, quantize: str = "none", flip: bool = False) -> Path:
     """Export a run folder's best checkpoint (or a .keras file); default place: <run>/exports/."""
-    path = predict.model_path(model)
+    path = runs.model_path(model)
     if path.suffix != ".keras":
         raise UserError(f"{path}: export reads a run folder or a .keras checkpoint")
     name = "model" + ("" if quantize == "none" else f"-{quantize}") + ("-flip" if flip else "") + SUFFIX[fmt]

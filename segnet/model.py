@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from segnet import runs
 from segnet.errors import ConfigError
 from segnet.layers import transposed_output_size, upsample, vgg16_fc_to_conv
 
@@ -233,9 +234,7 @@ def init_from(model: keras.Model, source) -> tuple[list[str], list[str]]:
     the source lacks (FCN-32s into FCN-8s), keep their fresh initialisation; any other layer that does not
     match means another architecture, an error naming those layers. Returns (loaded, re-initialised) names.
     """
-    from segnet import predict
-
-    path = predict.model_path(source)
+    path = runs.model_path(source)
     if path.suffix != ".keras":
         raise ConfigError(f"model.init={source}: give a run folder or a .keras checkpoint, not an export")
     try:

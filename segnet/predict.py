@@ -17,26 +17,6 @@ from segnet import runs
 from segnet.errors import MissingExtra, UserError, first_line
 
 
-def model_path(model=None, outputs="outputs") -> Path:
-    """The model file or folder: a run's best checkpoint, a given file or export, or the newest run's best."""
-    if model is None:
-        return runs.best_model(outputs)
-    path = Path(model)
-    if path.is_dir() and not (path / "saved_model.pb").exists():
-        if not (path / runs.BEST).exists():
-            raise UserError(
-                f"{path}: a folder that is neither a run (no {runs.BEST}) nor a SavedModel (no saved_model.pb); "
-                "pass a run folder, a .keras file or an export of segnet.export"
-            )
-        path = path / runs.BEST
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: pass a run folder holding {runs.BEST}, a .keras file, "
-            "or an export (SavedModel folder, .tflite, .onnx)"
-        )
-    return path
-
-
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis. For two classes in the form 1 / (1 + exp(l_0 - l_1)), which the road
     maps of every earlier segnet version were computed with, so that KITTI scores stay bit for bit."""
@@ -70,7 +50,7 @@ def load(model=None, outputs="outputs", precision: str = "auto"):
     precision (for .keras checkpoints): auto is the fastest this machine runs (bfloat16 on AVX512-BF16/AMX);
     exports always compute in float32. The function's `precision` attribute says which one runs.
     """
-    path = model_path(model, outputs)
+    path = runs.model_path(model, outputs)
     if str(precision) != "auto" and str(precision) != "float32" and path.suffix != ".keras":
         raise UserError(f"{path}: exports compute in float32 only; drop the precision or pass a .keras model")
     try:

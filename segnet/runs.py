@@ -1,8 +1,9 @@
-"""Run folders: what one training run writes, how it is written, and which run is "the newest".
+"""Run folders: what one training run writes, how it is written, which run is "the newest", and which
+model file a path given on the command line names (model_path).
 
     <outputs>/2026-11-25/10-00-00/    one run (Hydra's output dir; hydra.run.dir may put it anywhere)
         .hydra/config.yaml            the composed config
-        checkpoints/best.keras        the model with the best validation MaxF (architecture + weights)
+        checkpoints/best.keras        the model with the best validation MaxF or mIoU (architecture + weights)
         checkpoints/best.json         its validation scores and epoch
         checkpoints/last-eNNNN.weights.h5
                                       the last finished epoch, optimizer state included
@@ -196,6 +197,26 @@ def save_last(run_dir: Path, model, state: dict) -> None:
     for old in (run_dir / CKPT).glob("last-e*.weights.h5"):
         if old.name != weights:
             old.unlink()
+
+
+def model_path(model=None, outputs="outputs") -> Path:
+    """The model file or folder: a run's best checkpoint, a given file or export, or the newest run's best."""
+    if model is None:
+        return best_model(outputs)
+    path = Path(model)
+    if path.is_dir() and not (path / "saved_model.pb").exists():
+        if not (path / BEST).exists():
+            raise UserError(
+                f"{path}: a folder that is neither a run (no {BEST}) nor a SavedModel (no saved_model.pb); "
+                "pass a run folder, a .keras file or an export of segnet.export"
+            )
+        path = path / BEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: pass a run folder holding {BEST}, a .keras file, "
+            "or an export (SavedModel folder, .tflite, .onnx)"
+        )
+    return path
 
 
 def best_threshold(model_path: Path) -> float | None:
