@@ -82,7 +82,7 @@ def _load(path: Path, precision: str):
         import tensorflow as tf
 
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-        return lambda batch: serve(image=tf.constant(batch))["probabilities"].numpy()
+        return lambda batch: class_probabilities({k: v.numpy() for k, v in serve(image=tf.constant(batch)).items()})
     if path.suffix == ".tflite":
         return tflite_function(path)
     if path.suffix == ".onnx":
@@ -93,8 +93,17 @@ def _load(path: Path, precision: str):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         if [i.name for i in session.get_inputs()] != ["image"]:
             raise UserError(f"{path}: an ONNX model, but not segnet's (no input named 'image')")
-        return lambda batch: session.run(["probabilities"], {"image": batch})[0]
+        names = [o.name for o in session.get_outputs()]
+        return lambda batch: class_probabilities(dict(zip(names, session.run(None, {"image": batch}), strict=True)))
     raise UserError(f"{path}: not a model segnet can load (.keras, SavedModel folder, .tflite, .onnx)")
+
+
+def class_probabilities(outputs: dict) -> np.ndarray:
+    """(B, H, W, N) from an export's named outputs; an export of an earlier segnet has road's alone."""
+    if "probabilities" in outputs:
+        return np.asarray(outputs["probabilities"])
+    road = np.asarray(outputs["road_probability"])
+    return np.stack([1 - road, road], axis=-1)
 
 
 def tflite_function(path: Path):
@@ -105,7 +114,7 @@ def tflite_function(path: Path):
     details = runner.get_input_details()
     if list(details) != ["image"] or details["image"]["dtype"] != np.uint8:
         raise UserError(f"{path}: a TFLite model, but not segnet's (it wants one uint8 image in)")
-    return lambda batch: runner(image=batch)["probabilities"]
+    return lambda batch: class_probabilities(runner(image=batch))
 
 
 def predict(

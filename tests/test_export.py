@@ -77,6 +77,19 @@ def test_mirror_averaging_is_the_same_in_predict_and_in_an_export(run, tmp_path)
         assert not np.allclose(plain, mirror, atol=1e-3)  # the model is not symmetric: the test can fail
 
 
+def test_an_export_of_an_earlier_segnet_with_road_probability_alone_still_runs(run, tmp_path):
+    import tensorflow as tf
+
+    model = keras.models.load_model(run / "checkpoints" / "best.keras", compile=False)
+    road = lambda image: {"road_probability": export.serving_function(model)(image)["road_probability"]}  # noqa: E731
+    export.saved_model(model, road, tmp_path / "old")
+    assert list(tf.saved_model.load(str(tmp_path / "old")).signatures["serving_default"].structured_outputs) == [
+        "road_probability"
+    ]
+    batch = batches()[0]
+    np.testing.assert_allclose(predict.load(tmp_path / "old")(batch), float32_keras(run)(batch), atol=1e-4)
+
+
 @pytest.mark.parametrize("quantize", ["dynamic", "float16"])
 def test_quantised_tflite_agrees_on_the_mask(run, tmp_path, quantize):
     keras_fn = float32_keras(run)
