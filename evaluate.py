@@ -46,7 +46,7 @@ def evaluate(cfg, out: Path) -> dict:
     if not val:
         raise errors.DatasetError(f"the validation split of {root} is empty; set dataset.val_per_category")
     model = predict.load(e.run, cfg.outputs, precision=e.precision)
-    classes, names = data.class_list(cfg.dataset), [n for n, _ in data.class_list(cfg.dataset)]
+    names = [n for n, _ in data.class_list(cfg.dataset)]
     if [n for n, _ in model.classes] != names:
         raise errors.UserError(
             f"the model predicts {[n for n, _ in model.classes]}, the dataset's classes are {names}: "
@@ -54,7 +54,7 @@ def evaluate(cfg, out: Path) -> dict:
         )
     print(f"model {runs.model_path(e.run, cfg.outputs)} in {model.precision}" + (", mirror-averaged" if e.flip else ""))
     if cfg.dataset.layout == "folder":
-        return class_results(model, val, cfg.dataset, e.flip, classes)
+        return class_results(model, val, cfg.dataset, e.flip)
     maps = out / "maps"
     maps.mkdir(parents=True, exist_ok=True)
     for s in val:  # one at a time: KITTI frames differ in size, and this keeps memory flat
@@ -63,12 +63,13 @@ def evaluate(cfg, out: Path) -> dict:
     return metrics.evaluate_folder(maps, gt_dir, calib_dir, e.space, names=[s.gt.name for s in val])
 
 
-def class_results(model, val, d, flip: bool, classes) -> dict:
+def class_results(model, val, d, flip: bool) -> dict:
     """Per-class scores and the confusion matrix of a folder dataset's validation images (for two classes
     also the KITTI measures of class 1, pooled over the images, as "all")."""
     from segnet import data, metrics, predict
 
-    n, read = len(classes), data.label_reader(d)
+    names, read = [name for name, _ in data.class_list(d)], data.label_reader(d)
+    n = len(names)
     cm, counts = np.zeros((n, n), np.int64), metrics.Counts()
     for s in val:
         (prob,) = predict.predict(model, [data.read_image(s.image)], flip=flip)
@@ -77,7 +78,6 @@ def class_results(model, val, d, flip: bool, classes) -> dict:
         if n == 2:
             valid = label != data.IGNORE
             counts = counts + metrics.image_counts(metrics.to_uint8_prob(prob[..., 1]), valid, label == 1)
-    names = [name for name, _ in classes]
     out = {"classes": metrics.class_scores(cm, names), "confusion": {"names": names, "matrix": cm.tolist()}}
     return out | ({"all": metrics.scores(counts)} if n == 2 else {})
 

@@ -191,14 +191,13 @@ def class_scores(cm: np.ndarray, names) -> dict[str, float]:
 
 def format_class_table(cm: np.ndarray, names) -> str:
     """Per class: IoU, precision and recall (percent) and its share of the pixels; then mIoU and accuracy."""
-    tp = np.diag(cm)
-    iou, pre, rec = _ratio(tp, cm.sum(0) + cm.sum(1) - tp), _ratio(tp, cm.sum(0)), _ratio(tp, cm.sum(1))
-    share = _ratio(cm.sum(1), cm.sum())
+    s, tp = class_scores(cm, names), np.diag(cm)
+    pre, rec, share = 100 * _ratio(tp, cm.sum(0)), 100 * _ratio(tp, cm.sum(1)), 100 * _ratio(cm.sum(1), cm.sum())
     width = max(len("class"), *map(len, names))
     lines = [f"{'class':<{width}}" + "".join(f"{c:>9}" for c in ("IoU", "PRE", "REC", "pixels"))]
     for k, name in enumerate(names):
-        lines.append(f"{name:<{width}}" + "".join(f"{100 * v[k]:>9.2f}" for v in (iou, pre, rec, share)))
-    s = class_scores(cm, names)
+        row = (s[f"IoU_{name}"], pre[k], rec[k], share[k])
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>9.2f}" for v in row))
     lines.append(f"{'mean IoU':<{width}}{s['mIoU']:>9.2f}    pixel accuracy {s['PixelAcc']:.2f}")
     return "\n".join(lines)
 
