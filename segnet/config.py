@@ -108,6 +108,7 @@ class TrainerConfig:
     warmup_epochs: float = bounds(0)
     weight_decay: float = bounds(0, 1)
     class_weights: list[float] | None = bounds(0)  # one per class of dataset.classes
+    dice: float = bounds(0)  # weight of a soft Dice term beside the cross-entropy; 0: off
     precision: Precision = MISSING
     jit_compile: bool = MISSING
     resume: bool = MISSING

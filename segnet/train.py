@@ -46,6 +46,23 @@ def loss_sums(labels, logits, class_weights=None):
     return ops.sum(ce * w), ops.sum(w)
 
 
+def dice_loss(labels, logits):
+    """1 - soft Dice, the mean over the classes, over the batch's pixels inside the evaluation area.
+
+    Cross-entropy counts every pixel alike, so the frame's bulk outweighs road edges; Dice scores each class
+    by its overlap with the truth (a soft F1, what MaxF measures), so the boundary pixels weigh more.
+    trainer.dice sets its weight beside the cross-entropy.
+    """
+    labels = ops.cast(labels, "int32")
+    valid = labels != data.IGNORE
+    mask = ops.cast(valid, "float32")[..., None]
+    probs = ops.softmax(ops.cast(logits, "float32"), axis=-1) * mask
+    truth = ops.one_hot(ops.where(valid, labels, 0), ops.shape(logits)[-1]) * mask
+    overlap = ops.sum(probs * truth, axis=(0, 1, 2))
+    total = ops.sum(probs + truth, axis=(0, 1, 2))
+    return 1.0 - ops.mean((2.0 * overlap + 1.0) / (total + 1.0))  # +1: a class absent from the batch scores 1
+
+
 def confusion_counts(labels, logits, num_classes: int):
     """The num_classes x num_classes confusion matrix (row: truth) at the argmax, over the valid pixels."""
     labels = ops.reshape(ops.cast(labels, "int32"), [-1])
@@ -330,12 +347,13 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     return model
 
 
-def train_step(strategy, model, class_weights=None, jit_compile: bool = False):
+def train_step(strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0):
     """A function that makes one optimizer step on the next batch of a distributed iterator.
 
     It returns the batch's loss and confusion matrix. Every replica divides its summed loss by the valid
     pixels of the whole global batch (an all-reduce), so the gradients the optimizer sums over replicas and
     workers are those of one pixel mean: the same step on one device or split over several machines.
+    A Dice term (trainer.dice) is each replica's own batch's, divided by the replicas: their mean.
     """
     optimizer = model.optimizer
 
@@ -343,7 +361,10 @@ def train_step(strategy, model, class_weights=None, jit_compile: bool = False):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)
             ce, n = loss_sums(y, logits, class_weights)
-            loss = ce / ops.maximum(tf.distribute.get_replica_context().all_reduce("SUM", n), 1.0)
+            replicas = tf.distribute.get_replica_context()
+            loss = ce / ops.maximum(replicas.all_reduce("SUM", n), 1.0)
+            if dice:
+                loss += dice * dice_loss(y, logits) / replicas.num_replicas_in_sync
             scaled = optimizer.scale_loss(loss)  # float16 loss scaling; the loss itself otherwise
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
@@ -488,7 +509,7 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
         )
 
     batches = iter(strategy.distribute_datasets_from_function(worker_input(train_s, cfg, global_batch, done * steps)))
-    step = train_step(strategy, model, t.class_weights, t.jit_compile)
+    step = train_step(strategy, model, t.class_weights, t.jit_compile, t.dice)
     if chief:
         # The network trains on train_size frames; its twin takes native frames, resizes them the same way
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).

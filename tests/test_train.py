@@ -144,11 +144,24 @@ def test_loss_ignores_pixels_outside_the_evaluation_area_and_weights_classes():
     assert (float(ce), float(n)) == pytest.approx((3 * ce_road + ce_non, 4), rel=1e-5)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla(jit_compile):
+def test_dice_loss_is_one_minus_the_soft_overlap_per_class_inside_the_evaluation_area():
+    from segnet.train import dice_loss
+
+    labels = np.array([[[1, 0, data.IGNORE]]], np.uint8)
+    logits = np.array([[[[0.0, 2.0], [0.0, 2.0], [50.0, -50.0]]]], np.float32)  # the ignored pixel is very wrong
+    p = 1 / (1 + np.exp(-2.0))  # road's probability on both valid pixels
+    road = (2 * p + 1) / (2 * p + 1 + 1)  # overlap p, sums 2p + 1, the +1 smoothing on both sides
+    non_road = (2 * (1 - p) + 1) / (2 * (1 - p) + 1 + 1)
+    assert float(dice_loss(labels, logits)) == pytest.approx(1 - (road + non_road) / 2, rel=1e-5)
+    right = np.array([[[[-50.0, 50.0], [50.0, -50.0], [0.0, 0.0]]]], np.float32)
+    assert float(dice_loss(labels, right)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile,dice", [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_and_with_dice(jit_compile, dice):
     from segnet.train import compiled_model, train_step
 
-    cfg = compose([*TINY, "trainer.lr=1e-2"])
+    cfg = compose([*TINY, "trainer.lr=3e-3"])
     model = compiled_model(cfg, steps_per_epoch=10)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (2, 64, 96, 3)).astype("float32")
@@ -156,7 +169,7 @@ def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla(jit_compile):
     y[:, 32:] = 1  # road in the lower half
     y[:, :4] = data.IGNORE
     batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile)
+    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile, dice=dice)
     losses = [float(step(batches)[0]) for _ in range(8)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     cm = step(batches)[1].numpy()  # rows: the true class
