@@ -32,6 +32,7 @@ Space = Choice("Space", {n: n for n in ("perspective", "bev")})
 ModelName = Choice("ModelName", {n: n for n in ("fcn8", "fcn16", "fcn32")})
 Layout = Choice("Layout", {n: n for n in ("kitti", "folder")})
 Masks = Choice("Masks", {n: n for n in ("index", "colour")})
+Anchor = Choice("Anchor", {n: n for n in ("random", "bottom")})
 
 MIN_SIDE = 32  # image sides: the encoder halves them five times
 
@@ -54,6 +55,7 @@ class SyntheticConfig:
 class AugmentConfig:
     flip: bool = MISSING
     scale: list[float] = bounds(0, 10, open_lo=True, length=2)  # [min, max]; [1, 1] switches it off
+    anchor: Anchor = MISSING  # where the crop of a scaled frame sits vertically: random | bottom
     brightness: float = bounds(0, 1)  # max delta on [0, 1] intensities
     contrast: float = bounds(0, 1, open_hi=True)  # max relative change
     saturation: float = bounds(0, 1, open_hi=True)

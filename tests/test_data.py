@@ -108,6 +108,22 @@ def test_scale_keeps_alignment_and_pads_with_ignore():
     assert agree > 0.97  # bilinear image vs nearest label differ only on block edges
 
 
+def test_bottom_anchor_keeps_the_frames_bottom_edge_at_the_bottom():
+    """anchor=bottom: a scaled-up frame is cropped from its bottom, a scaled-down one padded above."""
+    image, label = aligned_pair()
+    label[:] = 0
+    label[-8:] = 1  # the bottom 8 rows: 12 after scaling by 1.5
+    image[..., 0] = label * 200 + 20
+    ups = {tuple(run_augment(image, label, augment_config("scale=[1.5,1.5]", f"anchor={a}"), [s, 2], (40, 64))[1][:, 0])
+           for a in ("bottom", "random") for s in range(6)}  # fmt: skip
+    bottom = run_augment(image, label, augment_config("scale=[1.5,1.5]", "anchor=bottom"), [0, 2], (40, 64))[1]
+    assert (bottom[-12:] == 1).all() and (bottom[:-12] == 0).all()
+    assert len(ups) > 1  # random crops land elsewhere
+    x, y = run_augment(image, label, augment_config("scale=[0.5,0.5]", "anchor=bottom"), [0, 2], (40, 64))
+    assert (y[:20] == data.IGNORE).all() and (y[20:, :32] != data.IGNORE).all() and (y[-4:, :32] == 1).all()
+    np.testing.assert_array_equal((x[20:, :32, 0] > 110), y[20:, :32] == 1)
+
+
 def test_colour_jitter_changes_the_image_not_the_label():
     image, label = aligned_pair()
     aug = augment_config("brightness=0.2", "contrast=0.2", "saturation=0.2", "hue=0.05")

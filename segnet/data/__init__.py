@@ -363,12 +363,18 @@ def augment(image, label, seed, train_size, cfg):
         new = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * s), tf.int32)
         image = tf.image.resize(image, new, method="bilinear")
         label = tf.image.resize(label, new, method="nearest")
-    # Pad (labels with IGNORE, so padding is never learned) then crop to the training size.
+    # Pad (labels with IGNORE, so padding is never learned) then crop to the training size. anchor=bottom
+    # keeps the frame's bottom edge at the bottom, where a fixed camera always has it: what lies near the
+    # edge (KITTI's ground truth marks the last rows non-road) and the horizon's height stay learnable.
     h, w = train_size
     ph, pw = tf.maximum(h - tf.shape(image)[0], 0), tf.maximum(w - tf.shape(image)[1], 0)
-    image = tf.pad(image, [[0, ph], [0, pw], [0, 0]])
-    label = tf.pad(label, [[0, ph], [0, pw], [0, 0]], constant_values=IGNORE)
-    y0 = tf.random.stateless_uniform([], seeds[2], 0, tf.shape(image)[0] - h + 1, tf.int32)
+    top = ph if cfg.anchor == "bottom" else 0
+    image = tf.pad(image, [[top, ph - top], [0, pw], [0, 0]])
+    label = tf.pad(label, [[top, ph - top], [0, pw], [0, 0]], constant_values=IGNORE)
+    if cfg.anchor == "bottom":
+        y0 = tf.shape(image)[0] - h
+    else:
+        y0 = tf.random.stateless_uniform([], seeds[2], 0, tf.shape(image)[0] - h + 1, tf.int32)
     x0 = tf.random.stateless_uniform([], seeds[3], 0, tf.shape(image)[1] - w + 1, tf.int32)
     image, label = image[y0 : y0 + h, x0 : x0 + w], label[y0 : y0 + h, x0 : x0 + w]
     if cfg.brightness:
