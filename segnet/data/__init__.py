@@ -368,13 +368,12 @@ def augment(image, label, seed, train_size, cfg):
     # edge (KITTI's ground truth marks the last rows non-road) and the horizon's height stay learnable.
     h, w = train_size
     ph, pw = tf.maximum(h - tf.shape(image)[0], 0), tf.maximum(w - tf.shape(image)[1], 0)
-    top = ph if cfg.anchor == "bottom" else 0
+    bottom = cfg.anchor == "bottom"
+    top = ph if bottom else 0
     image = tf.pad(image, [[top, ph - top], [0, pw], [0, 0]])
     label = tf.pad(label, [[top, ph - top], [0, pw], [0, 0]], constant_values=IGNORE)
-    if cfg.anchor == "bottom":
-        y0 = tf.shape(image)[0] - h
-    else:
-        y0 = tf.random.stateless_uniform([], seeds[2], 0, tf.shape(image)[0] - h + 1, tf.int32)
+    y_range = tf.shape(image)[0] - h + 1
+    y0 = y_range - 1 if bottom else tf.random.stateless_uniform([], seeds[2], 0, y_range, tf.int32)
     x0 = tf.random.stateless_uniform([], seeds[3], 0, tf.shape(image)[1] - w + 1, tf.int32)
     image, label = image[y0 : y0 + h, x0 : x0 + w], label[y0 : y0 + h, x0 : x0 + w]
     if cfg.brightness:
