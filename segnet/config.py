@@ -111,6 +111,7 @@ class TrainerConfig:
     weight_decay: float = bounds(0, 1)
     class_weights: list[float] | None = bounds(0)  # one per class of dataset.classes
     dice: float = bounds(0)  # weight of a soft Dice term beside the cross-entropy; 0: off
+    aux: float = bounds(0)  # weight of the cross-entropy of the decoder's coarser stages; 0: off
     precision: Precision = MISSING
     jit_compile: bool = MISSING
     resume: bool = MISSING
@@ -212,6 +213,8 @@ def check_values(cfg, schema=Config, path: str = "") -> list[str]:
         if weights is not None and len(weights) != len(cfg.dataset.classes):
             names = ", ".join(c.name for c in cfg.dataset.classes)
             problems.append(f"trainer.class_weights: give {len(cfg.dataset.classes)} values, one per class ({names})")
+        if "trainer" in cfg and cfg.trainer.aux and cfg.model.name == "fcn32":
+            problems.append(f"trainer.aux={cfg.trainer.aux}: FCN-32s has no coarser stage; use model=fcn8 or fcn16")
     return problems
 
 

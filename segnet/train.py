@@ -63,6 +63,29 @@ def dice_loss(labels, logits):
     return 1.0 - ops.mean((2.0 * overlap + 1.0) / (total + 1.0))  # +1: a class absent from the batch scores 1
 
 
+# The decoder's coarser stages (their score maps and strides) that trainer.aux supervises: each is a
+# prediction of its own before the finer skips add detail (FCN-32s has none, its only stage is the output).
+COARSE = {"fcn8": (("score_fr", 32), ("fuse_pool4", 16)), "fcn16": (("score_fr", 32),), "fcn32": ()}
+
+
+def with_coarse_outputs(model):
+    """The same network (shared layers and weights) also returning its coarser stages' score maps."""
+    stages = COARSE[model.name]
+    return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n, _ in stages)])
+
+
+def coarse_loss_sums(labels, coarse, stride: int, class_weights=None):
+    """loss_sums of a coarse score map, upsampled bilinearly to the labels' grid.
+
+    The map covers the input padded to a multiple of 32 (segnet.model.Preprocess): upsampled by its
+    stride it lines up with the labels from the top-left corner, and the padding is cropped off.
+    """
+    h, w = ops.shape(labels)[1], ops.shape(labels)[2]
+    size = (ops.shape(coarse)[1] * stride, ops.shape(coarse)[2] * stride)
+    up = tf.image.resize(ops.cast(coarse, "float32"), size)[:, :h, :w, :]
+    return loss_sums(labels, up, class_weights)
+
+
 def confusion_counts(labels, logits, num_classes: int):
     """The num_classes x num_classes confusion matrix (row: truth) at the argmax, over the valid pixels."""
     labels = ops.reshape(ops.cast(labels, "int32"), [-1])
@@ -347,20 +370,25 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     return model
 
 
-def train_step(strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0):
+def train_step(strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0, aux: float = 0.0):
     """A function that makes one optimizer step on the next batch of a distributed iterator.
 
     It returns the batch's loss and confusion matrix. Every replica divides its summed loss by the valid
     pixels of the whole global batch (an all-reduce), so the gradients the optimizer sums over replicas and
     workers are those of one pixel mean: the same step on one device or split over several machines.
-    A Dice term (trainer.dice) is each replica's own batch's, divided by the replicas: their mean.
+    A Dice term (trainer.dice) is each replica's own batch's, divided by the replicas: their mean. With
+    trainer.aux, the cross-entropy of each coarser decoder stage, times aux, joins the pixel sum.
     """
     optimizer = model.optimizer
+    net = with_coarse_outputs(model) if aux else model
+    strides = [stride for _, stride in COARSE[model.name]] if aux else []
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
+            logits, *coarse = net(x, training=True) if aux else [model(x, training=True)]
             ce, n = loss_sums(y, logits, class_weights)
+            for c, stride in zip(coarse, strides, strict=True):
+                ce += aux * coarse_loss_sums(y, c, stride, class_weights)[0]
             replicas = tf.distribute.get_replica_context()
             loss = ce / ops.maximum(replicas.all_reduce("SUM", n), 1.0)
             if dice:
@@ -509,7 +537,7 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
         )
 
     batches = iter(strategy.distribute_datasets_from_function(worker_input(train_s, cfg, global_batch, done * steps)))
-    step = train_step(strategy, model, t.class_weights, t.jit_compile, t.dice)
+    step = train_step(strategy, model, t.class_weights, t.jit_compile, t.dice, t.aux)
     if chief:
         # The network trains on train_size frames; its twin takes native frames, resizes them the same way
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).

@@ -9,6 +9,8 @@ import tensorflow as tf
 from conftest import ROOT, TINY, compose
 
 from segnet import data
+from segnet.config import validate
+from segnet.errors import ConfigError
 from segnet.train import train
 
 
@@ -157,8 +159,28 @@ def test_dice_loss_is_one_minus_the_soft_overlap_per_class_inside_the_evaluation
     assert float(dice_loss(labels, right)) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("jit_compile,dice", [(False, 0.0), (True, 0.0), (False, 1.0)])
-def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_and_with_dice(jit_compile, dice):
+def test_the_coarse_stages_are_the_decoders_own_score_maps_and_their_loss_covers_the_labels_grid():
+    from segnet.model import fcn
+    from segnet.train import coarse_loss_sums, with_coarse_outputs
+
+    model = fcn("fcn8", width=1 / 16, fc6_kernel=1)
+    x = np.random.default_rng(0).uniform(0, 255, (1, 40, 70, 3)).astype("float32")  # padded to 64x96 inside
+    logits, s32, s16 = with_coarse_outputs(model)(x)
+    np.testing.assert_allclose(logits, model(x), atol=1e-5)  # the same network, not a copy
+    assert (s32.shape[1:3], s16.shape[1:3]) == ((2, 3), (4, 6))
+    labels = np.ones((1, 40, 70), np.uint8)
+    labels[:, :5] = data.IGNORE
+    flat = np.tile(np.float32([0.0, 2.0]), (1, 2, 3, 1))  # road at 2 everywhere: the upsampled map is the same
+    ce, n = coarse_loss_sums(labels, flat, 32)
+    assert (float(ce), float(n)) == pytest.approx((35 * 70 * np.log1p(np.exp(-2.0)), 35 * 70), rel=1e-5)
+    with pytest.raises(ConfigError, match="trainer.aux=0.4: FCN-32s has no coarser stage"):
+        validate(compose(["model=fcn32", "trainer.aux=0.4"]))
+
+
+@pytest.mark.parametrize(
+    "jit_compile,dice,aux", [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 1.0, 0.0), (False, 0.0, 0.4)]
+)
+def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_and_aux(jit_compile, dice, aux):
     from segnet.train import compiled_model, train_step
 
     cfg = compose([*TINY, "trainer.lr=3e-3"])
@@ -169,7 +191,7 @@ def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_and_with_dice
     y[:, 32:] = 1  # road in the lower half
     y[:, :4] = data.IGNORE
     batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile, dice=dice)
+    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile, dice=dice, aux=aux)
     losses = [float(step(batches)[0]) for _ in range(8)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     cm = step(batches)[1].numpy()  # rows: the true class
