@@ -97,6 +97,7 @@ class ModelConfig:
     fc6_kernel: int = bounds(1, 7)  # pool5 is 1/32 of the image: 7 already sees 224 pixels
     batch_norm: bool = MISSING
     dropout: float = bounds(0, 1, open_hi=True)
+    learn_upsampling: bool = MISSING  # false: the transposed convolutions stay bilinear
     weights: str | None = MISSING  # null | imagenet | path to a VGG16 .h5
     init: str | None = MISSING  # a run folder or .keras file to start from (fine-tuning): model.init_from
 

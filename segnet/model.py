@@ -7,7 +7,8 @@
 
 fc6/fc7 are VGG16's dense layers rewritten as convolutions (segnet/layers.py explains why that is exact),
 so the network takes an image of any size and returns a score map instead of one label. The upsampling
-layers are transposed convolutions initialised to bilinear interpolation, then learned.
+layers are transposed convolutions initialised to bilinear interpolation, then learned (or kept bilinear,
+learn_upsampling=False, as the reference Caffe FCNs do).
 
 The model takes raw RGB in [0, 255] and returns float32 logits of shape (B, H, W, num_classes) for any H and
 W: it pads the input to a multiple of 32 (so every pooling halves exactly and every skip lines up) and crops
@@ -128,6 +129,7 @@ def fcn(
     fc6_kernel: int = 7,
     batch_norm: bool = True,
     dropout: float = 0.5,
+    learn_upsampling: bool = True,
     weights: str | None = None,
     input_scale: tuple[float, float] = (1.0, 1.0),
 ) -> keras.Model:
@@ -164,7 +166,7 @@ def fcn(
     side = {8: 224 // 8, 16: 224 // 16, 32: 224 // 32, 1: 224}
 
     def up(x, stride, scale, layer_name):
-        layer = upsample(num_classes, stride, name=layer_name)
+        layer = upsample(num_classes, stride, name=layer_name, trainable=learn_upsampling)
         got = transposed_output_size(side[scale], layer.kernel_size[0], stride, layer.padding)
         if got != side[scale // stride]:
             raise AssertionError(
@@ -306,6 +308,7 @@ def build(cfg, classes=ROAD_CLASSES, input_scale=(1.0, 1.0)) -> keras.Model:
         fc6_kernel=cfg.fc6_kernel,
         batch_norm=cfg.batch_norm,
         dropout=cfg.dropout,
+        learn_upsampling=cfg.learn_upsampling,
         weights=cfg.weights,
         input_scale=input_scale,
     )

@@ -196,3 +196,23 @@ def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_and
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     cm = step(batches)[1].numpy()  # rows: the true class
     assert cm[1].sum() == 2 * 32 * 96 and cm.sum() == 2 * 60 * 96  # counts come from the valid pixels only
+
+
+def test_fixed_upsampling_stays_bilinear_while_the_rest_trains():
+    from segnet.layers import bilinear_kernel
+    from segnet.train import compiled_model, train_step
+
+    model = compiled_model(compose([*TINY, "model.learn_upsampling=false"]), steps_per_epoch=10)
+    ups = [layer for layer in model.layers if layer.name.startswith("upscore")]
+    assert len(ups) == 3 and not any(v.trainable for layer in ups for v in layer.weights)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)).astype("float32")
+    y = np.zeros((2, 64, 96), np.uint8)
+    y[:, 32:] = 1
+    score = model.get_layer("score_fr").get_weights()[0]
+    step = train_step(tf.distribute.get_strategy(), model)
+    batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    for _ in range(2):
+        step(batches)
+    for layer in ups:
+        np.testing.assert_array_equal(layer.get_weights()[0], bilinear_kernel(layer.kernel_size[0], 2))
+    assert not np.allclose(model.get_layer("score_fr").get_weights()[0], score)
