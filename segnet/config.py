@@ -33,6 +33,7 @@ ModelName = Choice("ModelName", {n: n for n in ("fcn8", "fcn16", "fcn32")})
 Layout = Choice("Layout", {n: n for n in ("kitti", "folder")})
 Masks = Choice("Masks", {n: n for n in ("index", "colour")})
 Anchor = Choice("Anchor", {n: n for n in ("random", "bottom")})
+Optimizer = Choice("Optimizer", {n: n for n in ("adamw", "sgd")})
 
 MIN_SIDE = 32  # image sides: the encoder halves them five times
 
@@ -107,6 +108,7 @@ class TrainerConfig:
     epochs: int = bounds(1)
     batch_size: int = bounds(1)  # per replica
     steps_per_epoch: int | None = bounds(1)  # null: one pass over the training images
+    optimizer: Optimizer = MISSING  # adamw | sgd (momentum 0.9, the FCN paper's)
     lr: float = bounds(0, 1, open_lo=True)
     warmup_epochs: float = bounds(0)
     weight_decay: float = bounds(0, 1)

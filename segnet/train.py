@@ -348,7 +348,7 @@ def check_finite(loss: float, finished: int, batch: int) -> None:
 
 
 def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
-    """The model with its optimizer (AdamW, warm-up then cosine decay), as train_step and save_weights use it."""
+    """The model with its optimizer (AdamW or SGD, warm-up then cosine decay), as train_step and save_weights use it."""
     t = cfg.trainer
     model = build(cfg.model, data.class_list(cfg.dataset))
     if cfg.model.init:
@@ -358,9 +358,12 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, total - warmup), warmup_target=lr or t.lr, warmup_steps=warmup
     )
-    optimizer = keras.optimizers.AdamW(
-        schedule, weight_decay=t.weight_decay, use_ema=t.ema is not None, ema_momentum=t.ema or 0.99
-    )
+    # Keras decays weights decoupled for both (w -= lr * weight_decay * w each step), as AdamW defines it.
+    common = dict(weight_decay=t.weight_decay, use_ema=t.ema is not None, ema_momentum=t.ema or 0.99)
+    if t.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, **common)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, **common)
     # Decay the convolution kernels only: shrinking biases and batch-norm scales only hurts.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     # compile() makes the optimizer part of the model's weights (for resuming) and, under float16, wraps it

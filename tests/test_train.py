@@ -178,13 +178,19 @@ def test_the_coarse_stages_are_the_decoders_own_score_maps_and_their_loss_covers
 
 
 @pytest.mark.parametrize(
-    "jit_compile,dice,aux", [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 1.0, 0.0), (False, 0.0, 0.4)]
-)
-def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_and_aux(jit_compile, dice, aux):
+    "jit_compile,dice,aux,optimizer",
+    [(False, 0.0, 0.0, "adamw"), (True, 0.0, 0.0, "adamw"), (False, 1.0, 0.0, "adamw"), (False, 0.0, 0.4, "adamw"),
+     (False, 0.0, 0.0, "sgd")],
+)  # fmt: skip
+def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_aux_and_sgd(
+    jit_compile, dice, aux, optimizer
+):
     from segnet.train import compiled_model, train_step
 
-    cfg = compose([*TINY, "trainer.lr=3e-3"])
-    model = compiled_model(cfg, steps_per_epoch=10)
+    lr = {"adamw": 3e-3, "sgd": 3e-2}[optimizer]
+    model = compiled_model(compose([*TINY, f"trainer.lr={lr}", f"trainer.optimizer={optimizer}"]), steps_per_epoch=10)
+    assert type(model.optimizer).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[optimizer]
+    assert optimizer == "adamw" or model.optimizer.momentum == 0.9
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (2, 64, 96, 3)).astype("float32")
     y = np.zeros((2, 64, 96), np.uint8)
