@@ -61,6 +61,7 @@ class AugmentConfig:
     contrast: float = bounds(0, 1, open_hi=True)  # max relative change
     saturation: float = bounds(0, 1, open_hi=True)
     hue: float = bounds(0, 0.5)
+    shadow: float = bounds(0, 1)  # probability of a random shadow on a training frame
 
 
 @dataclass

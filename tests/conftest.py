@@ -33,7 +33,15 @@ def dataset_config(*overrides):
 
 def augment_overrides(*settings):
     """Overrides for an augmentation that does only what `settings` ask ("flip=true", "scale=[0.5,0.7]", ...)."""
-    off = {"flip": "false", "scale": "[1.0,1.0]", "brightness": "0", "contrast": "0", "saturation": "0", "hue": "0"}
+    off = {
+        "flip": "false",
+        "scale": "[1.0,1.0]",
+        "brightness": "0",
+        "contrast": "0",
+        "saturation": "0",
+        "hue": "0",
+        "shadow": "0",
+    }
     off.update(s.split("=", 1) for s in settings)
     return [f"dataset.augment.{k}={v}" for k, v in off.items()]
 

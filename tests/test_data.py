@@ -132,6 +132,25 @@ def test_colour_jitter_changes_the_image_not_the_label():
     assert np.abs(x - image).mean() > 1.0
 
 
+def test_shadows_darken_parts_of_the_image_and_leave_the_label():
+    """shadow=1: every frame gets soft blobs at 30-70% of their brightness; the rest is untouched."""
+    image = np.full((64, 192, 3), 200, np.uint8)
+    label = np.ones((64, 192), np.uint8)
+    darkest, covered = [], []
+    for s in range(6):
+        x, y = run_augment(image, label, augment_config("shadow=1.0"), [s, 7], (64, 192))
+        np.testing.assert_array_equal(y, label)
+        ratio = x[..., 0] / 200.0
+        assert np.allclose(x[..., 0], x[..., 2]) and ratio.max() <= 1 + 1e-6
+        assert ratio.min() >= 0.3 - 1e-6
+        darkest.append(ratio.min())
+        covered.append((ratio < 0.999).mean())
+    assert max(covered) > 0.05 and min(covered) < max(covered)  # shadows happen, of different extents
+    assert min(darkest) < 0.6 and max(darkest) > min(darkest)  # of different strengths
+    off = run_augment(image, label, augment_config("shadow=0.0"), [0, 7], (64, 192))[0]
+    np.testing.assert_allclose(off, 200, atol=1e-3)
+
+
 def test_training_arrays_resize_and_crop_modes():
     images = [np.zeros((30, 50, 3), np.uint8), np.zeros((30, 50, 3), np.uint8), np.zeros((31, 49, 3), np.uint8)]
     labels = [np.zeros(im.shape[:2], np.uint8) for im in images]
