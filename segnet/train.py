@@ -6,7 +6,10 @@ how a run is continued: segnet/runs.py.
 """
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import keras
@@ -479,11 +482,36 @@ def start_state(cfg, run_dir: Path, model, chief: bool) -> dict:
     return state
 
 
-def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int) -> dict:
+@contextmanager
+def ctrl_c_between_batches():
+    """Ctrl-C sets the event the training loop checks between batches; a second Ctrl-C stops at once.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside a finaliser (TensorFlow
+    frees its tensors and iterators in __del__) the exception is printed and swallowed: the run would go on.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield stop
+        return
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_one_epoch(step, batches, steps: int, epoch: int, verbose: int, stop: threading.Event) -> dict:
     """`steps` optimizer steps; the epoch's mean loss and scores at the argmax (train_scores)."""
     bar = keras.utils.Progbar(steps, verbose=verbose, stateful_metrics=["loss"])
     total, counts = 0.0, 0
     for b in range(steps):
+        if stop.is_set():
+            raise KeyboardInterrupt
         try:
             loss, c = step(batches)
         except tf.errors.UnavailableError as e:
@@ -549,16 +577,19 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
         records = Records(run_dir, model, val, twin, cfg, state)
     verbose = 2 if os.environ.get("CI") else 1
     try:
-        for epoch in range(done, t.epochs):
-            print(f"Epoch {epoch + 1}/{t.epochs}")
-            logs = train_one_epoch(step, batches, steps, epoch, verbose)
-            scores = records.epoch_end(epoch + 1, logs) if chief else {}
-            val = {f"val_{k}": v for k, v in scores.items()}
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **val}.items()))
-            state["epoch"] = epoch + 1
-            if t.patience and replica_sum(strategy, chief and records.should_stop(epoch + 1)):  # chief decides
-                print(f"early stop: no better validation MaxF since epoch {state['best_epoch']} (trainer.patience)")
-                break
+        with ctrl_c_between_batches() as stop:
+            for epoch in range(done, t.epochs):
+                print(f"Epoch {epoch + 1}/{t.epochs}")
+                logs = train_one_epoch(step, batches, steps, epoch, verbose, stop)
+                scores = records.epoch_end(epoch + 1, logs) if chief else {}
+                val = {f"val_{k}": v for k, v in scores.items()}
+                print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **val}.items()))
+                state["epoch"] = epoch + 1
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                if t.patience and replica_sum(strategy, chief and records.should_stop(epoch + 1)):  # chief decides
+                    print(f"early stop: no better validation MaxF since epoch {state['best_epoch']} (trainer.patience)")
+                    break
     except KeyboardInterrupt:
         # Every finished epoch is already on disk (written atomically); only the current one is lost.
         raise Interrupted(

@@ -4,6 +4,7 @@ damaged models, empty inputs and huge images are each one clear error or a bound
 import dataclasses
 import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,7 +23,7 @@ from PIL import Image
 
 from segnet import config, predict, runs
 from segnet.errors import UserError
-from segnet.train import NonFiniteLoss, check_finite, train
+from segnet.train import NonFiniteLoss, check_finite, ctrl_c_between_batches, train
 
 DETERMINISTIC = [*TINY, "trainer.deterministic=true", "trainer.epochs=3", "trainer.steps_per_epoch=4"]
 
@@ -99,6 +100,21 @@ def test_ctrl_c_keeps_finished_epochs_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 130
     assert "trainer.resume=true" in err and "Traceback" not in err
     assert json.loads(state.read_text())["epoch"] >= 1
+
+
+def test_ctrl_c_is_taken_between_batches_and_twice_stops_at_once():
+    """The first Ctrl-C only sets the flag the loop checks (an exception raised inside a finaliser would be
+    swallowed and the run go on); the second raises at once; the previous handler comes back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_between_batches() as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs at the next bytecode; the sleep gives it one
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_message(tmp_path):
