@@ -585,8 +585,6 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
                 val = {f"val_{k}": v for k, v in scores.items()}
                 print(" - ".join(f"{k}: {v:.4f}" for k, v in {**logs, **val}.items()))
                 state["epoch"] = epoch + 1
-                if stop.is_set():
-                    raise KeyboardInterrupt
                 if t.patience and replica_sum(strategy, chief and records.should_stop(epoch + 1)):  # chief decides
                     print(f"early stop: no better validation MaxF since epoch {state['best_epoch']} (trainer.patience)")
                     break

@@ -133,7 +133,8 @@ def test_colour_jitter_changes_the_image_not_the_label():
 
 
 def test_shadows_darken_parts_of_the_image_and_leave_the_label():
-    """shadow=1: every frame gets soft blobs at 30-70% of their brightness; the rest is untouched."""
+    """shadow=1: soft blobs of varying extent and strength, never below 30% brightness, grey stays grey;
+    the label is untouched, and shadow=0 leaves the image as it was."""
     image = np.full((64, 192, 3), 200, np.uint8)
     label = np.ones((64, 192), np.uint8)
     darkest, covered = [], []
