@@ -130,6 +130,7 @@ def fcn(
     batch_norm: bool = True,
     dropout: float = 0.5,
     learn_upsampling: bool = True,
+    skip_scale: float = 1.0,
     weights: str | None = None,
     input_scale: tuple[float, float] = (1.0, 1.0),
 ) -> keras.Model:
@@ -175,6 +176,11 @@ def fcn(
         return layer(x)
 
     def fuse(x, pool, layer_name):
+        if skip_scale != 1:
+            # Under Adam a weight's step does not depend on its gradient's scale, so a skip fed c times its
+            # features moves its scores c times slower: the reference FCN-8s's 0.01 (pool4) and 1e-4 (pool3)
+            # were tuned for SGD, where the step shrinks with c too (docs/kitti.md, "The skips' starting scale").
+            pool = layers.Rescaling(skip_scale, name=f"scale_{layer_name}")(pool)
         skip = layers.Conv2D(num_classes, 1, kernel_initializer="zeros", name=f"score_{layer_name}")(pool)
         return layers.Add(name=f"fuse_{layer_name}")([x, skip])
 
@@ -309,6 +315,7 @@ def build(cfg, classes=ROAD_CLASSES, input_scale=(1.0, 1.0)) -> keras.Model:
         batch_norm=cfg.batch_norm,
         dropout=cfg.dropout,
         learn_upsampling=cfg.learn_upsampling,
+        skip_scale=cfg.skip_scale,
         weights=cfg.weights,
         input_scale=input_scale,
     )

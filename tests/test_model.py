@@ -1,6 +1,8 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from keras import ops
 
 from segnet.model import fcn
 
@@ -32,6 +34,41 @@ def test_skips_start_at_zero_so_fcn8_starts_as_fcn32_would():
     model = fcn("fcn8", width=1 / 16)
     for name in ("score_pool4", "score_pool3"):
         assert not np.any(model.get_layer(name).get_weights()[0])
+
+
+def test_skip_scale_is_the_skip_kernels_times_that_scale():
+    """skip_scale=c scales pool4/pool3 before their 1x1 score layers: the same function as kernels times c."""
+    rng = np.random.default_rng(2)
+    scaled, plain = fcn("fcn8", width=1 / 16, skip_scale=0.1), fcn("fcn8", width=1 / 16)
+    plain.set_weights(scaled.get_weights())  # Rescaling has no weights: the lists line up
+    for name in ("score_pool4", "score_pool3"):
+        kernel, bias = scaled.get_layer(name).get_weights()
+        kernel = rng.normal(size=kernel.shape).astype("float32")
+        scaled.get_layer(name).set_weights([kernel, bias])
+        plain.get_layer(name).set_weights([0.1 * kernel, bias])
+    x = rng.uniform(0, 255, (1, 64, 96, 3)).astype("float32")
+    np.testing.assert_allclose(scaled.predict_on_batch(x), plain.predict_on_batch(x), rtol=1e-4, atol=1e-4)
+
+
+def test_under_adam_a_scaled_skip_takes_the_same_step_so_its_scores_move_that_much_slower():
+    """Adam divides the gradient by its own size: pool4 times 0.1 gives a 10x smaller gradient and the same
+    kernel step, so the skip's scores (0.1 x kernel x pool4) move 10x slower. Under SGD the step shrinks too."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (2, 64, 96, 3)).astype("float32")
+    y = (rng.uniform(size=(2, 64, 96)) < 0.5).astype("int32")
+    grad, steps = {}, {}
+    for c in (1.0, 0.1):
+        keras.utils.set_random_seed(0)
+        model = fcn("fcn8", width=1 / 16, dropout=0.0, skip_scale=c)
+        with tf.GradientTape() as tape:
+            loss = ops.mean(keras.losses.sparse_categorical_crossentropy(y, model(x, training=True), from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        grad[c] = grads[[v.path for v in model.trainable_variables].index("score_pool4/kernel")].numpy()
+        keras.optimizers.Adam(1e-3).apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        steps[c] = model.get_layer("score_pool4").get_weights()[0]  # from zero: this is the step
+    np.testing.assert_allclose(grad[0.1], 0.1 * grad[1.0], rtol=1e-3, atol=1e-9)
+    assert np.abs(steps[1.0]).max() > 5e-4
+    np.testing.assert_allclose(steps[0.1], steps[1.0], atol=1e-5)
 
 
 def test_padding_is_the_mean_colour_and_the_crop_is_exact():
