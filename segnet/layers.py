@@ -13,12 +13,15 @@ Dense as convolution. A Dense layer applied at every pixel is a 1x1 convolution 
 reshaped to (1, 1, in, out). A Dense layer applied to a flattened 7x7xC map is a 7x7 VALID convolution:
 on a 7x7 input it gives the same numbers, and on a bigger input it slides, giving a map of scores instead of
 one. So VGG16's classifier becomes FCN's fc6 (7x7) and fc7 (1x1), and the net accepts any image size.
+The converse holds too, and `PatchConv2D` computes fc6 and fc7 that way: a kxk convolution is a dense layer
+applied to every pixel's kxk neighbourhood, flattened (im2col), one matrix product for the whole map.
 
 `python -m segnet.layers` prints the shape table of docs/transposed_convolution.md, computed live.
 """
 
 import keras
 import numpy as np
+from keras import ops
 
 
 def conv_output_size(n: int, kernel: int, stride: int, padding: str) -> int:
@@ -96,6 +99,35 @@ def dense_to_conv_kernel(kernel: np.ndarray, spatial: tuple[int, int] = (1, 1)) 
     if n_in % (h * w):
         raise ValueError(f"a dense kernel with {n_in} inputs cannot read a {h}x{w} map")
     return kernel.reshape(h, w, n_in // (h * w), n_out)
+
+
+@keras.saving.register_keras_serializable(package="segnet")
+class PatchConv2D(keras.layers.Conv2D):
+    """A stride-1 SAME Conv2D computed as one matrix product over k x k patches (im2col): a dense layer per pixel.
+
+    Same kernel (k, k, in, out), same numbers, same saved weights as Conv2D. Why: fc6 and fc7 run on pool5,
+    a map of a few dozen pixels with hundreds to thousands of channels, where oneDNN's convolution kernels
+    (the backward-weights pass and the kernel's layout reorders above all) run far below the CPU's matrix
+    peak, while a matrix product of the same FLOPs runs near it (python -m segnet.bench, README: Performance).
+    The patches cost k * k times the input map's memory, which pool5 makes small.
+    """
+
+    def __init__(self, filters, kernel_size, **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
+        if self.strides != (1, 1) or self.dilation_rate != (1, 1) or self.data_format != "channels_last":
+            raise ValueError("PatchConv2D computes stride-1, undilated, channels-last convolutions only")
+        if self.padding != "same" and self.kernel_size != (1, 1):
+            raise ValueError("PatchConv2D pads SAME (a 1x1 kernel needs no padding)")
+
+    def convolution_op(self, inputs, kernel):
+        kh, kw, c, out = kernel.shape
+        if (kh, kw) != (1, 1):
+            h, w = ops.shape(inputs)[1], ops.shape(inputs)[2]
+            # TensorFlow's SAME: the extra row or column of an even kernel goes after the input.
+            padded = ops.pad(inputs, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
+            # Offsets in (row, column, channel) order: the order a (kh, kw, in, out) kernel flattens in.
+            inputs = ops.concatenate([padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], -1)
+        return ops.matmul(inputs, ops.reshape(kernel, (kh * kw * c, out)))
 
 
 def vgg16_fc_to_conv(vgg: keras.Model) -> dict[str, tuple[np.ndarray, np.ndarray]]:

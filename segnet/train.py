@@ -350,6 +350,37 @@ def check_finite(loss: float, finished: int, batch: int) -> None:
         )
 
 
+@keras.saving.register_keras_serializable(package="segnet")
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with each variable's Adam update in TensorFlow's fused kernel: the same step, faster.
+
+    Keras writes the update as a dozen elementwise ops, each a pass over the variable; over the 34 M
+    weights of the KITTI model that was a quarter of a CPU training step. ResourceApplyAdam is one pass
+    of the same formula. Mirrored variables (several replicas) keep Keras' own path.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        slots = (variable, self._momentums[index], self._velocities[index])
+        tf_vars = [w.value if isinstance(w, keras.Variable) else w for w in slots]
+        if self.amsgrad or any(isinstance(w, tf.distribute.DistributedValues) for w in tf_vars):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        step = ops.cast(self.iterations + 1, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=tf_vars[0].handle,
+            m=tf_vars[1].handle,
+            v=tf_vars[2].handle,
+            beta1_power=ops.power(ops.cast(self.beta_1, dtype), step),
+            beta2_power=ops.power(ops.cast(self.beta_2, dtype), step),
+            lr=ops.cast(learning_rate, dtype),
+            beta1=ops.cast(self.beta_1, dtype),
+            beta2=ops.cast(self.beta_2, dtype),
+            epsilon=ops.cast(self.epsilon, dtype),
+            grad=ops.cast(gradient, dtype),
+        )
+
+
 def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.Model:
     """The model with its optimizer (AdamW or SGD, warm-up then cosine decay), as train_step and save_weights use it."""
     t = cfg.trainer
@@ -366,7 +397,7 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     if t.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9, **common)
     else:
-        optimizer = keras.optimizers.AdamW(schedule, **common)
+        optimizer = AdamW(schedule, **common)
     # Decay the convolution kernels only: shrinking biases and batch-norm scales only hurts.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     # compile() makes the optimizer part of the model's weights (for resuming) and, under float16, wraps it

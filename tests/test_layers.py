@@ -1,4 +1,4 @@
-"""The teaching core, proven: transposed convolution shapes and adjointness, bilinear init, dense as conv."""
+"""The teaching core, proven: transposed convolution shapes and adjointness, bilinear init, dense as conv (and back)."""
 
 import re
 import subprocess
@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import ROOT
 
 from segnet.layers import (
+    PatchConv2D,
     bilinear_kernel,
     conv_output_size,
     dense_to_conv_kernel,
@@ -164,3 +165,32 @@ def test_convolutionalized_classifier_gives_the_same_logits_and_slides_on_bigger
     assert dense_to_conv_kernel(np.zeros((392, 16)), (7, 7)).shape == (7, 7, 8, 16)
     with pytest.raises(ValueError, match="7x7"):
         dense_to_conv_kernel(np.zeros((100, 16)), (7, 7))
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 7])
+@pytest.mark.parametrize("shape", [(2, 5, 18, 6), (1, 3, 2, 4), (1, 1, 1, 3)])
+def test_a_convolution_is_a_dense_layer_over_each_pixels_patch(kernel, shape):
+    """PatchConv2D (im2col + one matrix product) computes Conv2D's outputs and gradients with Conv2D's weights,
+    also where the kernel is larger than the map (fc6's 7x7 on a pool5 of a few pixels) and for even kernels."""
+    x = tf.constant(np.random.default_rng(kernel).normal(size=shape).astype("float32"))
+    conv, patch = keras.layers.Conv2D(5, kernel, padding="same"), PatchConv2D(5, kernel, padding="same")
+    conv.build(shape)
+    patch.build(shape)
+    weights = [np.random.default_rng(1).normal(size=w.shape).astype("float32") for w in conv.get_weights()]
+    results = []
+    for layer in (conv, patch):
+        layer.set_weights(weights)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.range(5, dtype=tf.float32))
+        results.append([y, *tape.gradient(loss, [x, layer.kernel])])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv_refuses_what_it_does_not_compute():
+    for kwargs in ({"strides": 2}, {"dilation_rate": 2}, {"padding": "valid"}):
+        with pytest.raises(ValueError, match="PatchConv2D"):
+            PatchConv2D(4, 3, **({"padding": "same"} | kwargs))
+    assert PatchConv2D(4, 1, padding="valid").kernel_size == (1, 1)  # a 1x1 kernel pads nothing either way

@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from segnet.model import fcn
+from segnet.layers import PatchConv2D
+from segnet.model import BatchNorm, fcn
 
 
 @pytest.mark.parametrize("name", ["fcn8", "fcn16", "fcn32"])
@@ -24,9 +25,28 @@ def test_fcn8_wiring():
     assert [u.strides[0] for u in ups] == [2, 2, 8]
     assert model.get_layer("fc6").kernel_size == (7, 7)
     assert model.get_layer("fc7").kernel_size == (1, 1)
+    assert isinstance(model.get_layer("fc6"), PatchConv2D) and isinstance(model.get_layer("fc7"), PatchConv2D)
     assert model.get_layer("score_fr").kernel_size == (1, 1)
     names = {layer.name for layer in model.layers}
     assert {"score_pool4", "score_pool3", "fuse_pool4", "fuse_pool3"} <= names
+
+
+def test_fused_batch_norm_trains_as_keras_batch_norm_does():
+    """BatchNorm's fused training path: Keras' outputs, gradients and moving statistics (the biased variance)."""
+    x = tf.constant(np.random.default_rng(0).normal(3.0, 2.0, (2, 6, 7, 5)).astype("float32"))
+    results = []
+    for layer in (keras.layers.BatchNormalization(momentum=0.5), BatchNorm(momentum=0.5)):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y * tf.range(5, dtype=tf.float32))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_skips_start_at_zero_so_fcn8_starts_as_fcn32_would():

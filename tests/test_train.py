@@ -222,3 +222,39 @@ def test_fixed_upsampling_stays_bilinear_while_the_rest_trains():
     for layer in ups:
         np.testing.assert_array_equal(layer.get_weights()[0], bilinear_kernel(layer.kernel_size[0], 2))
     assert not np.allclose(model.get_layer("score_fr").get_weights()[0], score)
+
+
+def test_fused_adamw_takes_keras_adamw_steps_with_weight_decay():
+    """segnet's AdamW (one fused kernel per variable) moves weights exactly as Keras' AdamW, decay included.
+    Mirrored variables take Keras' own update: test_distribute's two replicas train like one device."""
+    import keras
+
+    from segnet.train import AdamW
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(30, 7)).astype("float32")
+    grads = [tf.constant(rng.normal(size=(30, 7)).astype("float32")) for _ in range(4)]
+
+    def trained(optimizer_class):
+        w = keras.Variable(start)
+        optimizer = optimizer_class(1e-2, weight_decay=0.5)
+        step = tf.function(lambda g: optimizer.apply_gradients([(g, w)]))
+
+        for g in grads:
+            step(g)
+        return keras.ops.convert_to_numpy(w)
+
+    reference = trained(keras.optimizers.AdamW)
+    assert np.abs(reference - start).max() > 0.03  # four steps of lr 1e-2 did move it
+    np.testing.assert_allclose(trained(AdamW), reference, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_full_width_model_trains_in_its_fastest_precision():
+    """Real VGG16 width, bfloat16 where the CPU has it. On an AMX Xeon (TF 2.21), score_fr as a Conv2D (a 1x1
+    convolution from 4096 channels to 2) corrupted the heap in the first steps, even at 64x192: the process
+    died, so it runs in a child process, whose exit code is the verdict."""
+    overrides = ["dataset=kitti", "model.width=1.0", "dataset.train_size=[64,192]"]
+    code = f"from segnet.bench import kernel_steps; kernel_steps({overrides!r}, 3)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
