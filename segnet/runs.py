@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from segnet.errors import UserError
+from segnet.errors import UserError, first_line
 
 CKPT = "checkpoints"
 BEST = f"{CKPT}/best.keras"
@@ -166,7 +166,14 @@ def restore(model, prev: Path, run_dir: Path, chief: bool = True) -> dict:
     every run folder holds the best model of its whole training.
     """
     state = read_state(prev)
-    model.load_weights(prev / CKPT / state["weights"])
+    try:
+        model.load_weights(prev / CKPT / state["weights"])
+    except ValueError as e:  # Keras files weights by layer class: another segnet version or another model
+        raise UserError(
+            f"{prev / CKPT / state['weights']} does not fit this model ({first_line(e)}): it was written by "
+            f"another model or an earlier segnet. Start a new run (trainer.resume=false), or start one from its "
+            f"best weights by layer name: model.init={prev}"
+        ) from None
     saved, ours = state.get("rng", []), seed_states(model)
     if len(saved) != len(ours):
         raise UserError(

@@ -78,3 +78,18 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
     with pytest.raises(UserError, match="state.json: could not write it \\(disk full\\); the earlier version is kept"):
         runs.save_atomic(path, broken)
     assert json.loads(path.read_text()) == {"epoch": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_resuming_into_a_model_the_weights_do_not_fit_is_one_clear_error(tmp_path):
+    """Keras files a run's weights by layer class: an FCN-32s run (or one of an earlier segnet, whose fc6 was a
+    plain Conv2D) does not load into this FCN-8s. The error names the file and both ways on; nothing is written."""
+    from segnet.model import fcn
+
+    ck = tmp_path / "run" / runs.CKPT
+    ck.mkdir(parents=True)
+    fcn("fcn32", width=1 / 16).save_weights(ck / "last-e0001.weights.h5")
+    runs.write_json(tmp_path / "run" / runs.STATE, {"epoch": 1, "weights": "last-e0001.weights.h5"})
+    before = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(UserError, match=r"last-e0001.weights.h5 does not fit.*trainer.resume=false.*model.init="):
+        runs.restore(fcn("fcn8", width=1 / 16), tmp_path / "run", tmp_path / "new")
+    assert sorted(p.name for p in ck.iterdir()) == before and not (tmp_path / "new").exists()
