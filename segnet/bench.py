@@ -92,7 +92,7 @@ def count_flops(model: keras.Model, height: int, width: int) -> float:
 
 def run(cfg, repeats: int) -> dict:
     from segnet import config, data
-    from segnet.model import build
+    from segnet.model import build, with_precision
     from segnet.train import compiled_model, set_precision, train_step
 
     config.validate(cfg)
@@ -122,11 +122,13 @@ def run(cfg, repeats: int) -> dict:
     result["train_images_per_s"] = t.batch_size / step
     result["train_step_s"] = step
 
-    # (d) inference on a full KITTI frame, through the twin that resizes it to the training scale.
+    # (d) inference on a full KITTI frame, through the twin that resizes it to the training scale, in the
+    # precision infer.py runs it.
     scale = data.input_scale([KITTI_FRAME], cfg.dataset)
     classes = data.class_list(cfg.dataset)
     infer = build(cfg.model, classes, input_scale=scale)
     infer.set_weights(model.get_weights())
+    infer = with_precision(infer, precision)
     frame = frames[:1].astype("float32")
     result["infer_ms_per_frame"] = 1000 * median_seconds(lambda: infer.predict_on_batch(frame), repeats, warmup=2)
 
