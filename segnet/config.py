@@ -117,6 +117,7 @@ class TrainerConfig:
     class_weights: list[float] | None = bounds(0)  # one per class of dataset.classes
     dice: float = bounds(0)  # weight of a soft Dice term beside the cross-entropy; 0: off
     aux: float = bounds(0)  # weight of the cross-entropy of the decoder's coarser stages; 0: off
+    hard_pixels: float = bounds(0, 1, open_lo=True)  # the cross-entropy keeps this fraction, the hardest pixels
     precision: Precision = MISSING
     jit_compile: bool = MISSING
     resume: bool = MISSING

@@ -32,11 +32,14 @@ def set_precision(name: str = "auto") -> str:
     return name
 
 
-def loss_sums(labels, logits, class_weights=None):
+def loss_sums(labels, logits, class_weights=None, hard: float = 1.0):
     """Softmax cross-entropy summed over the pixels inside the evaluation area, and their (weighted) count.
 
     A batch's loss is the ratio; IGNORE pixels count for nothing. The two are returned apart so that the
     replicas of a distributed step can all divide by the count of the whole global batch (see train_step).
+    hard < 1 (trainer.hard_pixels) keeps only that fraction of the valid pixels, those of highest loss
+    (bootstrapped cross-entropy, "OHEM"): once the bulk of asphalt and sky is learned, the loss stays on the
+    road's edges and the regions still mistaken, where the errors are.
     """
     labels = ops.cast(labels, "int32")
     valid = labels != data.IGNORE
@@ -46,6 +49,10 @@ def loss_sums(labels, logits, class_weights=None):
     if class_weights is not None:  # one per class (config.check_values)
         # float(): Hydra hands over a ListConfig, which TensorFlow cannot turn into a tensor.
         w = w * ops.take(ops.convert_to_tensor([float(c) for c in class_weights], "float32"), safe)
+    if hard < 1:
+        k = ops.maximum(1, ops.cast(hard * ops.sum(ops.cast(valid, "float32")), "int32"))
+        kth = tf.math.top_k(ops.reshape(ops.where(valid, ce, -1.0), [-1]), k).values[-1]
+        w = w * ops.cast(ce >= ops.stop_gradient(kth), "float32")
     return ops.sum(ce * w), ops.sum(w)
 
 
@@ -77,7 +84,7 @@ def with_coarse_outputs(model):
     return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n, _ in stages)])
 
 
-def coarse_loss_sums(labels, coarse, stride: int, class_weights=None):
+def coarse_loss_sums(labels, coarse, stride: int, class_weights=None, hard: float = 1.0):
     """loss_sums of a coarse score map, upsampled bilinearly to the labels' grid.
 
     The map covers the input padded to a multiple of 32 (segnet.model.Preprocess): upsampled by its
@@ -86,7 +93,7 @@ def coarse_loss_sums(labels, coarse, stride: int, class_weights=None):
     h, w = ops.shape(labels)[1], ops.shape(labels)[2]
     size = (ops.shape(coarse)[1] * stride, ops.shape(coarse)[2] * stride)
     up = tf.image.resize(ops.cast(coarse, "float32"), size)[:, :h, :w, :]
-    return loss_sums(labels, up, class_weights)
+    return loss_sums(labels, up, class_weights, hard)
 
 
 def confusion_counts(labels, logits, num_classes: int):
@@ -407,14 +414,17 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
     return model
 
 
-def train_step(strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0, aux: float = 0.0):
+def train_step(
+    strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0, aux: float = 0.0, hard=1.0
+):
     """A function that makes one optimizer step on the next batch of a distributed iterator.
 
     It returns the batch's loss and confusion matrix. Every replica divides its summed loss by the valid
     pixels of the whole global batch (an all-reduce), so the gradients the optimizer sums over replicas and
     workers are those of one pixel mean: the same step on one device or split over several machines.
     A Dice term (trainer.dice) is each replica's own batch's, divided by the replicas: their mean. With
-    trainer.aux, the cross-entropy of each coarser decoder stage, times aux, joins the pixel sum.
+    trainer.aux, the cross-entropy of each coarser decoder stage, times aux, joins the pixel sum; with
+    trainer.hard_pixels every stage sums over its own hardest pixels, as many as the output's.
     """
     optimizer = model.optimizer
     net = with_coarse_outputs(model) if aux else model
@@ -423,9 +433,9 @@ def train_step(strategy, model, class_weights=None, jit_compile: bool = False, d
     def replica_step(x, y):
         with tf.GradientTape() as tape:
             logits, *coarse = net(x, training=True) if aux else [model(x, training=True)]
-            ce, n = loss_sums(y, logits, class_weights)
+            ce, n = loss_sums(y, logits, class_weights, hard)
             for c, stride in zip(coarse, strides, strict=True):
-                ce += aux * coarse_loss_sums(y, c, stride, class_weights)[0]
+                ce += aux * coarse_loss_sums(y, c, stride, class_weights, hard)[0]
             replicas = tf.distribute.get_replica_context()
             loss = ce / ops.maximum(replicas.all_reduce("SUM", n), 1.0)
             if dice:
@@ -599,7 +609,7 @@ def train(cfg, run_dir: Path, skip_finished: bool = False) -> dict:
         )
 
     batches = iter(strategy.distribute_datasets_from_function(worker_input(train_s, cfg, global_batch, done * steps)))
-    step = train_step(strategy, model, t.class_weights, t.jit_compile, t.dice, t.aux)
+    step = train_step(strategy, model, t.class_weights, t.jit_compile, t.dice, t.aux, t.hard_pixels)
     if chief:
         # The network trains on train_size frames; its twin takes native frames, resizes them the same way
         # and scales the scores back. It validates, and it is what best.keras holds (no optimizer state).

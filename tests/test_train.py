@@ -144,6 +144,8 @@ def test_loss_ignores_pixels_outside_the_evaluation_area_and_weights_classes():
     assert (float(ce), float(n)) == pytest.approx((ce_road + ce_non, 2), rel=1e-5)
     ce, n = loss_sums(labels, logits, OmegaConf.create([1.0, 3.0]))  # as Hydra passes it
     assert (float(ce), float(n)) == pytest.approx((3 * ce_road + ce_non, 4), rel=1e-5)
+    ce, n = loss_sums(labels, logits, hard=0.5)  # the harder half of the two valid pixels: the missed non-road
+    assert (float(ce), float(n)) == pytest.approx((ce_non, 1), rel=1e-5)
 
 
 def test_dice_loss_is_one_minus_the_soft_overlap_per_class_inside_the_evaluation_area():
@@ -178,12 +180,12 @@ def test_the_coarse_stages_are_the_decoders_own_score_maps_and_their_loss_covers
 
 
 @pytest.mark.parametrize(
-    "jit_compile,dice,aux,optimizer",
-    [(False, 0.0, 0.0, "adamw"), (True, 0.0, 0.0, "adamw"), (False, 1.0, 0.0, "adamw"), (False, 0.0, 0.4, "adamw"),
-     (False, 0.0, 0.0, "sgd")],
+    "jit_compile,dice,aux,optimizer,hard",
+    [(False, 0.0, 0.0, "adamw", 1.0), (True, 0.0, 0.0, "adamw", 1.0), (False, 1.0, 0.0, "adamw", 1.0),
+     (False, 0.0, 0.4, "adamw", 1.0), (False, 0.0, 0.0, "sgd", 1.0), (False, 0.0, 0.4, "adamw", 0.25)],
 )  # fmt: skip
-def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_aux_and_sgd(
-    jit_compile, dice, aux, optimizer
+def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_aux_sgd_and_hard_pixels(
+    jit_compile, dice, aux, optimizer, hard
 ):
     from segnet.train import compiled_model, train_step
 
@@ -197,7 +199,7 @@ def test_a_training_step_lowers_the_loss_on_a_batch_also_under_xla_with_dice_aux
     y[:, 32:] = 1  # road in the lower half
     y[:, :4] = data.IGNORE
     batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile, dice=dice, aux=aux)
+    step = train_step(tf.distribute.get_strategy(), model, jit_compile=jit_compile, dice=dice, aux=aux, hard=hard)
     losses = [float(step(batches)[0]) for _ in range(8)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     cm = step(batches)[1].numpy()  # rows: the true class
