@@ -13,8 +13,9 @@ Dense as convolution. A Dense layer applied at every pixel is a 1x1 convolution 
 reshaped to (1, 1, in, out). A Dense layer applied to a flattened 7x7xC map is a 7x7 VALID convolution:
 on a 7x7 input it gives the same numbers, and on a bigger input it slides, giving a map of scores instead of
 one. So VGG16's classifier becomes FCN's fc6 (7x7) and fc7 (1x1), and the net accepts any image size.
-The converse holds too, and `PatchConv2D` computes fc6 and fc7 that way: a kxk convolution is a dense layer
-applied to every pixel's kxk neighbourhood, flattened (im2col), one matrix product for the whole map.
+The converse holds too, and `PatchConv2D` computes fc6, fc7 and the score layers that way: a kxk
+convolution is a dense layer applied to every pixel's kxk neighbourhood, flattened (im2col), one matrix
+product for the whole map.
 
 `python -m segnet.layers` prints the shape table of docs/transposed_convolution.md, computed live.
 """
@@ -105,8 +106,8 @@ def dense_to_conv_kernel(kernel: np.ndarray, spatial: tuple[int, int] = (1, 1)) 
 class PatchConv2D(keras.layers.Conv2D):
     """A stride-1 SAME Conv2D computed as one matrix product over k x k patches (im2col): a dense layer per pixel.
 
-    Same kernel (k, k, in, out), same numbers, same saved weights as Conv2D. Why: fc6 and fc7 run on pool5,
-    a map of a few dozen pixels with hundreds to thousands of channels, where oneDNN's convolution kernels
+    Same kernel (k, k, in, out), same numbers, same saved weights as Conv2D. Why: fc6, fc7 and score_fr run on
+    pool5, a map of a few dozen pixels with hundreds to thousands of channels, where oneDNN's convolution kernels
     (the backward-weights pass and the kernel's layout reorders above all) run far below the CPU's matrix
     peak, while a matrix product of the same FLOPs runs near it (python -m segnet.bench, README: Performance).
     The patches cost k * k times the input map's memory, which pool5 makes small.

@@ -415,7 +415,13 @@ def compiled_model(cfg, steps_per_epoch: int, lr: float | None = None) -> keras.
 
 
 def train_step(
-    strategy, model, class_weights=None, jit_compile: bool = False, dice: float = 0.0, aux: float = 0.0, hard=1.0
+    strategy,
+    model,
+    class_weights=None,
+    jit_compile: bool = False,
+    dice: float = 0.0,
+    aux: float = 0.0,
+    hard: float = 1.0,
 ):
     """A function that makes one optimizer step on the next batch of a distributed iterator.
 
