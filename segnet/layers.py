@@ -76,7 +76,12 @@ class BilinearUpsampling(keras.initializers.Initializer):
 
 
 def upsample(filters: int, stride: int, name: str, trainable: bool = True) -> keras.layers.Conv2DTranspose:
-    """FCN's upsampling layer: a stride-s transposed convolution, kernel 2s, starting as bilinear interpolation."""
+    """FCN's upsampling layer: a stride-s transposed convolution, kernel 2s, starting as bilinear interpolation.
+
+    It computes in float32 whatever the model's precision: it is cheap (one channel per class), and its
+    gradient is a stride-s convolution, which oneDNN's AMX bfloat16 kernels (TensorFlow 2.21) get wrong for a
+    16x16 kernel of stride 8 on 4, 6 or 8 channels: FCN-8s with that many classes did not learn on AMX.
+    """
     return keras.layers.Conv2DTranspose(
         filters,
         2 * stride,
@@ -85,6 +90,7 @@ def upsample(filters: int, stride: int, name: str, trainable: bool = True) -> ke
         use_bias=False,
         kernel_initializer=BilinearUpsampling(),
         trainable=trainable,
+        dtype="float32",
         name=name,
     )
 

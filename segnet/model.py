@@ -315,14 +315,19 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     """The same network and weights computing in another precision, for inference: float32 for exports,
     bfloat16 for speed.
 
-    Preprocessing and logits stay float32 whatever the rest does, and so do batch norm's statistics. In
+    Preprocessing, the upsampling and the logits stay float32 whatever the rest does, and so do batch norm's
+    statistics. In
     bfloat16 the convolutions keep their kernels in bfloat16: mixed precision would round them so at every
     call (fc6's 26 M weights: a quarter of a frame's time), which gives the same numbers.
     """
     config = model.get_config()
     for layer in config["layers"]:
         dtype = layer["config"].get("dtype")
-        if isinstance(dtype, dict) and layer["name"] not in ("preprocess", "logits"):
+        if not isinstance(dtype, dict) or layer["name"] in ("preprocess", "logits"):
+            continue
+        if layer["class_name"] == "Conv2DTranspose":  # segnet.layers.upsample says why
+            dtype["config"]["name"] = "float32"
+        else:
             mixed = layer["class_name"] in ("BatchNorm", "BatchNormalization") or precision == "float32"
             dtype["config"]["name"] = POLICIES[precision] if mixed else precision
     copy = keras.Model.from_config(config)
