@@ -241,7 +241,6 @@ def test_fused_adamw_takes_keras_adamw_steps_with_weight_decay():
         w = keras.Variable(start)
         optimizer = optimizer_class(1e-2, weight_decay=0.5)
         step = tf.function(lambda g: optimizer.apply_gradients([(g, w)]))
-
         for g in grads:
             step(g)
         return keras.ops.convert_to_numpy(w)
