@@ -316,9 +316,8 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     bfloat16 for speed.
 
     Preprocessing, the upsampling and the logits stay float32 whatever the rest does, and so do batch norm's
-    statistics. In
-    bfloat16 the convolutions keep their kernels in bfloat16: mixed precision would round them so at every
-    call (fc6's 26 M weights: a quarter of a frame's time), which gives the same numbers.
+    statistics. In bfloat16 the convolutions keep their kernels in bfloat16: mixed precision would round them
+    so at every call (fc6's 26 M weights: a quarter of a frame's time), which gives the same numbers.
     """
     config = model.get_config()
     for layer in config["layers"]:
