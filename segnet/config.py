@@ -101,6 +101,7 @@ class ModelConfig:
     dropout: float = bounds(0, 1, open_hi=True)
     learn_upsampling: bool = MISSING  # false: the transposed convolutions stay bilinear
     skip_scale: float = bounds(0, 1, open_lo=True)  # pool4/pool3 times this before their score layers
+    row_prior: bool = MISSING  # a learned offset of the scores by the pixel's height in the frame
     weights: str | None = MISSING  # null | imagenet | path to a VGG16 .h5
     init: str | None = MISSING  # a run folder or .keras file to start from (fine-tuning): model.init_from
 

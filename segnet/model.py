@@ -123,6 +123,38 @@ class CropLike(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="segnet")
+class RowPrior(layers.Layer):
+    """Adds to every pixel's class scores a learned offset that depends only on its height in the frame.
+
+    The camera is fixed, so a pixel's row says something that its neighbourhood cannot: KITTI's road polygons
+    stop two or three rows above the frame's bottom edge, which are labelled non-road under plain asphalt
+    (docs/kitti.md, "Where the errors are"). A convolution sees only the edge of its input, and a training crop
+    cut from a scaled frame puts that edge anywhere, so the network never learns where the frame ends. This
+    layer is told: `rows` is each output row's height as a fraction of its frame (0 top, 1 bottom), given by
+    the data pipeline for a training crop and, when omitted, that of a whole frame (what inference sees). The
+    offset is a piecewise-linear function of it with KNOTS knots per class, zero at the start.
+    """
+
+    KNOTS = 128  # 3 native KITTI rows apart: the bottom edge's band is two or three rows high
+    GAIN = 10.0  # Adam moves a weight about lr a step; a few logits in a few thousand steps need this
+
+    def build(self, logits_shape, rows_shape=None):
+        self.row_bias = self.add_weight(shape=(self.KNOTS, logits_shape[-1]), initializer="zeros", name="row_bias")
+
+    def call(self, logits, rows=None):
+        if rows is None:
+            h = ops.shape(logits)[1]
+            rows = ((ops.cast(ops.arange(h), "float32") + 0.5) / ops.cast(h, "float32"))[None, :]
+        t = ops.clip(ops.cast(rows, "float32"), 0.0, 1.0) * (self.KNOTS - 1)
+        hats = ops.relu(1.0 - ops.abs(t[..., None] - ops.cast(ops.arange(self.KNOTS), "float32")))  # (B, H, KNOTS)
+        offset = ops.einsum("bhk,kc->bhc", hats, self.row_bias) * self.GAIN
+        return logits + offset[:, :, None, :]
+
+    def compute_output_shape(self, logits_shape, rows_shape=None):
+        return logits_shape
+
+
+@keras.saving.register_keras_serializable(package="segnet")
 class BatchNorm(layers.BatchNormalization):
     """Keras' BatchNormalization, computed in training by TensorFlow's fused kernel: the same numbers, faster.
 
@@ -155,6 +187,7 @@ def fcn(
     dropout: float = 0.5,
     learn_upsampling: bool = True,
     skip_scale: float = 1.0,
+    row_prior: bool = False,
     weights: str | None = None,
     input_scale: tuple[float, float] = (1.0, 1.0),
 ) -> keras.Model:
@@ -220,6 +253,8 @@ def fcn(
         scores = fuse(up(scores, 2, 16, "upscore_pool4"), pool3, "pool3")
         scores = up(scores, 8, 8, "upscore8")
     logits = CropLike(input_scale, classes, dtype="float32", name="logits")(scores, image)
+    if row_prior:
+        logits = RowPrior(dtype="float32", name="row_prior")(logits)
     model = keras.Model(image, logits, name=name)
     if weights:
         load_vgg16_weights(model, weights)
@@ -322,7 +357,7 @@ def with_precision(model: keras.Model, precision: str) -> keras.Model:
     config = model.get_config()
     for layer in config["layers"]:
         dtype = layer["config"].get("dtype")
-        if not isinstance(dtype, dict) or layer["name"] in ("preprocess", "logits"):
+        if not isinstance(dtype, dict) or layer["name"] in ("preprocess", "logits", "row_prior"):
             continue
         if layer["class_name"] == "Conv2DTranspose":  # segnet.layers.upsample says why
             dtype["config"]["name"] = "float32"
@@ -350,6 +385,7 @@ def build(cfg, classes=ROAD_CLASSES, input_scale=(1.0, 1.0)) -> keras.Model:
         dropout=cfg.dropout,
         learn_upsampling=cfg.learn_upsampling,
         skip_scale=cfg.skip_scale,
+        row_prior=cfg.row_prior,
         weights=cfg.weights,
         input_scale=input_scale,
     )

@@ -84,6 +84,18 @@ def with_coarse_outputs(model):
     return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n, _ in stages)])
 
 
+def without_row_prior(model):
+    """The same network returning its scores before the row prior, and the prior (None if it has none).
+
+    A training crop's rows are not its frame's (segnet.model.RowPrior), so train_step applies the prior
+    itself, with the rows the data pipeline computed.
+    """
+    names = [layer.name for layer in model.layers]
+    if "row_prior" not in names:
+        return model, None
+    return keras.Model(model.input, model.get_layer("logits").output, name=model.name), model.get_layer("row_prior")
+
+
 def coarse_loss_sums(labels, coarse, stride: int, class_weights=None, hard: float = 1.0):
     """loss_sums of a coarse score map, upsampled bilinearly to the labels' grid.
 
@@ -433,12 +445,15 @@ def train_step(
     trainer.hard_pixels every stage sums over its own hardest pixels, as many as the output's.
     """
     optimizer = model.optimizer
-    net = with_coarse_outputs(model) if aux else model
+    net, row_prior = without_row_prior(model)
+    net = with_coarse_outputs(net) if aux else net
     strides = [stride for _, stride in COARSE[model.name]] if aux else []
 
-    def replica_step(x, y):
+    def replica_step(x, y, rows=None):  # rows: the frame rows of a pipeline's crops (data.augment)
         with tf.GradientTape() as tape:
-            logits, *coarse = net(x, training=True) if aux else [model(x, training=True)]
+            logits, *coarse = net(x, training=True) if aux else [net(x, training=True)]
+            if row_prior is not None:
+                logits = row_prior(logits, rows)
             ce, n = loss_sums(y, logits, class_weights, hard)
             for c, stride in zip(coarse, strides, strict=True):
                 ce += aux * coarse_loss_sums(y, c, stride, class_weights, hard)[0]

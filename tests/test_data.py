@@ -83,7 +83,7 @@ def aligned_pair(h=40, w=64):
 
 
 def run_augment(image, label, aug, seed, size):
-    return [t.numpy() for t in data.augment(image, label, tf.constant(seed, tf.int64), size, aug)]
+    return [t.numpy() for t in data.augment(image, label, tf.constant(seed, tf.int64), size, aug)[:2]]
 
 
 def test_flip_and_crop_keep_image_and_label_aligned_pixel_for_pixel():
@@ -122,6 +122,24 @@ def test_bottom_anchor_keeps_the_frames_bottom_edge_at_the_bottom():
     x, y = run_augment(image, label, augment_config("scale=[0.5,0.5]", "anchor=bottom"), [0, 2], (40, 64))
     assert (y[:20] == data.IGNORE).all() and (y[20:, :32] != data.IGNORE).all() and (y[-4:, :32] == 1).all()
     np.testing.assert_array_equal((x[20:, :32, 0] > 110), y[20:, :32] == 1)
+
+
+def test_rows_tell_each_crop_row_its_height_in_the_frame():
+    """Whatever the flip, scale and crop, `rows` is the row's place in its frame (segnet.model.RowPrior):
+    a label that numbers the frame's rows comes out of the crop where rows says; padding lies outside [0, 1]."""
+    h = 50
+    label = np.repeat(np.arange(h, dtype=np.uint8)[:, None], 80, axis=1)
+    image = np.zeros((h, 80, 3), np.uint8)
+    for anchor in ("random", "bottom"):
+        aug = augment_config("flip=true", "scale=[0.5,1.6]", f"anchor={anchor}")
+        for seed in range(12):
+            _, y, rows = (
+                t.numpy() for t in data.augment(image, label, tf.constant([seed, 3], tf.int64), (40, 64), aug)
+            )
+            row = y[:, 0].astype(float)
+            valid = row != data.IGNORE
+            assert np.abs(rows[valid] * h - (row[valid] + 0.5)).max() <= 1.0  # nearest-neighbour labels
+            assert ((rows[~valid] > 1) | (rows[~valid] < 0)).all()
 
 
 def test_colour_jitter_changes_the_image_not_the_label():

@@ -5,7 +5,7 @@ import tensorflow as tf
 from keras import ops
 
 from segnet.layers import PatchConv2D
-from segnet.model import BatchNorm, fcn
+from segnet.model import BatchNorm, RowPrior, fcn
 
 
 @pytest.mark.parametrize("name", ["fcn8", "fcn16", "fcn32"])
@@ -165,6 +165,40 @@ def test_a_model_trained_on_resized_frames_predicts_native_frames_on_their_own_g
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
 
 
+def test_the_row_prior_is_a_function_of_the_frame_row_and_defaults_to_the_whole_frames_rows():
+    """Zero at the start; at knot k (row fraction k / (KNOTS - 1)) it adds GAIN x its k-th weights to every
+    pixel of that row; linear between knots; and without rows it reads the input as a whole frame."""
+    logits = np.random.default_rng(0).normal(size=(2, 40, 7, 3)).astype("float32")
+    prior = RowPrior()
+    np.testing.assert_array_equal(prior(logits), logits)
+    table = np.random.default_rng(1).normal(size=(RowPrior.KNOTS, 3)).astype("float32")
+    prior.set_weights([table])
+    k = np.array([0, 5, 127, 126])
+    rows = np.stack([k / (RowPrior.KNOTS - 1), (k + 0.5) / (RowPrior.KNOTS - 1)]).astype("float32")  # (2, 4)
+    out = prior(logits[:, :4], rows).numpy() - logits[:, :4]
+    np.testing.assert_allclose(out[0], np.repeat(RowPrior.GAIN * table[k][:, None], 7, axis=1), rtol=1e-5)
+    between = (table[k] + table[np.minimum(k + 1, RowPrior.KNOTS - 1)]) / 2
+    between[2] = table[127]  # past the last knot: clipped to it
+    np.testing.assert_allclose(out[1, :, 0], RowPrior.GAIN * between, rtol=1e-5, atol=1e-6)
+    whole = ((np.arange(40) + 0.5) / 40)[None].repeat(2, 0).astype("float32")
+    np.testing.assert_allclose(prior(logits), prior(logits, whole), atol=1e-6)
+
+
+def test_the_row_prior_survives_saving_loading_and_a_precision_copy(tmp_path):
+    from segnet.model import with_precision
+
+    model = fcn("fcn8", width=1 / 16, row_prior=True, input_scale=(0.5, 0.5))
+    prior = model.get_layer("row_prior")
+    prior.set_weights([np.random.default_rng(0).normal(size=prior.get_weights()[0].shape)])
+    x = np.random.default_rng(0).uniform(0, 255, (1, 70, 90, 3)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+    fast = with_precision(loaded, "bfloat16")
+    assert fast.get_layer("row_prior").dtype_policy.name == "float32"
+    np.testing.assert_allclose(fast.predict_on_batch(x), model.predict_on_batch(x), atol=0.1)
+
+
 def test_precision_copy_keeps_weights_and_float32_ends():
     from segnet.model import with_precision
 
@@ -179,7 +213,7 @@ def test_precision_copy_keeps_weights_and_float32_ends():
     # Mixed precision rounds each kernel to bfloat16 at every call: kernels stored rounded give the same numbers.
     config = model.get_config()
     for layer in config["layers"]:
-        kept = layer["class_name"] == "Conv2DTranspose" or layer["name"] in ("preprocess", "logits")
+        kept = layer["class_name"] == "Conv2DTranspose" or layer["name"] in ("preprocess", "logits", "row_prior")
         if isinstance(layer["config"].get("dtype"), dict) and not kept:
             layer["config"]["dtype"]["config"]["name"] = "mixed_bfloat16"
     mixed = keras.Model.from_config(config)

@@ -226,6 +226,27 @@ def test_fixed_upsampling_stays_bilinear_while_the_rest_trains():
     assert not np.allclose(model.get_layer("score_fr").get_weights()[0], score)
 
 
+def test_the_row_prior_learns_from_the_rows_what_the_pixels_cannot_tell():
+    """Two crops of the same pixels: one ends at its frame's bottom edge, labelled non-road there (KITTI's
+    convention), the other higher up, all road. Only the rows the pipeline gives can set them apart: without
+    the prior one of each pair of pixels is wrong (384 pixels), with it none is."""
+    from segnet.train import compiled_model, train_step
+
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 96, 3)).astype("float32").repeat(2, axis=0)
+    y = np.ones((2, 64, 96), np.uint8)
+    y[0, -4:] = 0
+    rows = np.stack([(np.arange(64) + 36.5) / 100, (np.arange(64) + 10.5) / 100]).astype("float32")
+    errors = {}
+    for prior in (False, True):
+        overrides = [*TINY, f"model.row_prior={prior}", "trainer.lr=1e-2", "trainer.warmup_epochs=0"]
+        step = train_step(tf.distribute.get_strategy(), compiled_model(compose(overrides), 20))
+        batches = iter(tf.data.Dataset.from_tensors((x, y, rows)).repeat())
+        for _ in range(30):
+            cm = step(batches)[1].numpy()
+        errors[prior] = cm[0, 1] + cm[1, 0]
+    assert errors[False] > 100 and errors[True] == 0
+
+
 def test_fused_adamw_takes_keras_adamw_steps_with_weight_decay():
     """segnet's AdamW (one fused kernel per variable) moves weights exactly as Keras' AdamW, decay included.
     Mirrored variables take Keras' own update: test_distribute's two replicas train like one device."""

@@ -348,7 +348,9 @@ def input_scale(sizes, cfg) -> tuple[float, float]:
 def augment(image, label, seed, train_size, cfg):
     """One training example: random flip, scale, crop (image and label alike), shadows, colour jitter (image only).
 
-    Stateless ops seeded per example, so a run's augmentation depends only on the config's seed.
+    Returns the image, its label and `rows`: each crop row's height as a fraction of the frame it was cut
+    from (0 top, 1 bottom; outside [0, 1] on padding), what segnet.model.RowPrior needs to know where the
+    frame ends. Stateless ops seeded per example, so a run's augmentation depends only on the config's seed.
     """
     seeds = tf.random.experimental.stateless_split(seed, 7)
     image = tf.image.convert_image_dtype(image, tf.float32)
@@ -357,12 +359,14 @@ def augment(image, label, seed, train_size, cfg):
         flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
         image = tf.where(flip, image[:, ::-1], image)
         label = tf.where(flip, label[:, ::-1], label)
+    frame_h = tf.shape(image)[0]
     lo, hi = cfg.scale
     if (lo, hi) != (1.0, 1.0):
         s = tf.random.stateless_uniform([], seeds[1], lo, hi)
         new = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * s), tf.int32)
         image = tf.image.resize(image, new, method="bilinear")
         label = tf.image.resize(label, new, method="nearest")
+        frame_h = new[0]
     # Pad (labels with IGNORE, so padding is never learned) then crop to the training size. anchor=bottom
     # keeps the frame's bottom edge at the bottom, where a fixed camera always has it: what lies near the
     # edge (KITTI's ground truth marks the last rows non-road) and the horizon's height stay learnable.
@@ -376,6 +380,7 @@ def augment(image, label, seed, train_size, cfg):
     y0 = y_range - 1 if bottom else tf.random.stateless_uniform([], seeds[2], 0, y_range, tf.int32)
     x0 = tf.random.stateless_uniform([], seeds[3], 0, tf.shape(image)[1] - w + 1, tf.int32)
     image, label = image[y0 : y0 + h, x0 : x0 + w], label[y0 : y0 + h, x0 : x0 + w]
+    rows = (tf.cast(tf.range(h) + y0 - top, tf.float32) + 0.5) / tf.cast(frame_h, tf.float32)
     if cfg.shadow:
         image = cast_shadow(image, tf.random.experimental.stateless_fold_in(seed, 1), cfg.shadow)
     if cfg.brightness:
@@ -389,7 +394,7 @@ def augment(image, label, seed, train_size, cfg):
     image = tf.clip_by_value(image, 0.0, 1.0) * 255.0
     image.set_shape([h, w, 3])
     label.set_shape([h, w, 1])
-    return image, label[..., 0]
+    return image, label[..., 0], rows
 
 
 def cast_shadow(image, seed, p):
@@ -414,7 +419,7 @@ def cast_shadow(image, seed, p):
 
 
 def train_dataset(x: np.ndarray, y: np.ndarray, cfg, batch_size: int, seed: int) -> tf.data.Dataset:
-    """Endless shuffled, augmented batches of (float32 RGB in [0, 255], uint8 labels)."""
+    """Endless shuffled, augmented batches of (float32 RGB in [0, 255], uint8 labels, float32 frame rows)."""
     size = tuple(cfg.train_size)
     if isinstance(x, np.memmap):  # cache=disk: read each frame from the mapped file when it is needed
         ds = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed).repeat()
