@@ -56,7 +56,7 @@ def test_each_worker_reads_its_own_share_of_the_frames_reproducibly(tmp_path):
 
     def batches(worker):
         ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker, num_replicas_in_sync=2)
-        return [(x.numpy(), y.numpy()) for x, y in input_fn(ctx).take(12)]
+        return [(x.numpy(), y.numpy()) for x, y, _ in input_fn(ctx).take(12)]
 
     def frames_seen(worker):  # which training frames a worker's (possibly flipped) labels come from
         seen = [lb for _, y in batches(worker) for lb in y]
