@@ -102,6 +102,7 @@ class ModelConfig:
     learn_upsampling: bool = MISSING  # false: the transposed convolutions stay bilinear
     skip_scale: float = bounds(0, 1, open_lo=True)  # pool4/pool3 times this before their score layers
     row_prior: bool = MISSING  # a learned offset of the scores by the pixel's height in the frame
+    global_context: bool = MISSING  # fc6 also sees the frame's mean pool5 feature (ParseNet)
     weights: str | None = MISSING  # null | imagenet | path to a VGG16 .h5
     init: str | None = MISSING  # a run folder or .keras file to start from (fine-tuning): model.init_from
 

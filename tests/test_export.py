@@ -23,9 +23,12 @@ def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     (run / "checkpoints").mkdir()
     keras.utils.set_random_seed(0)
-    model = fcn("fcn8", width=1 / 16, input_scale=(0.6, 0.55), row_prior=True)
-    prior = model.get_layer("row_prior")  # every export must carry it: a non-zero one shows if one does not
-    prior.set_weights([np.random.default_rng(0).normal(0, 0.3, prior.get_weights()[0].shape)])
+    model = fcn("fcn8", width=1 / 16, input_scale=(0.6, 0.55), row_prior=True, global_context=True)
+    # Every export must carry the row prior and the global context (the KITTI default's): non-zero ones show if
+    # one does not.
+    for name, sigma in (("row_prior", 0.3), ("context", 0.1)):
+        layer = model.get_layer(name)
+        layer.set_weights([np.random.default_rng(0).normal(0, sigma, layer.get_weights()[0].shape)])
     # An untrained net scores everything near p = 0.5, where any rounding flips the mask; a trained one is
     # confident. Scaling the class scores gives this one a trained net's range of logits.
     kernel, bias = model.get_layer("score_fr").get_weights()

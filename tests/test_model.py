@@ -199,6 +199,26 @@ def test_the_row_prior_survives_saving_loading_and_a_precision_copy(tmp_path):
     np.testing.assert_allclose(fast.predict_on_batch(x), model.predict_on_batch(x), atol=0.1)
 
 
+def test_global_context_starts_at_zero_and_then_reaches_beyond_the_receptive_field(tmp_path):
+    """At the start the network computes what the plain one does; once the context layer has weights, a pixel's
+    scores change with a part of the frame its convolutions cannot see (fc6 1x1: pool5's 212 pixels)."""
+    plain = fcn("fcn8", width=1 / 16, fc6_kernel=1)
+    model = fcn("fcn8", width=1 / 16, fc6_kernel=1, global_context=True)
+    for layer in plain.layers:
+        model.get_layer(layer.name).set_weights(layer.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (1, 32, 640, 3)).astype("float32")
+    far = x.copy()
+    far[:, :, 400:] = 255 - far[:, :, 400:]  # 400 pixels from column 0, beyond its receptive field
+    np.testing.assert_allclose(model.predict_on_batch(x), plain.predict_on_batch(x), atol=1e-5)
+    np.testing.assert_array_equal(plain.predict_on_batch(far)[:, :, :32], plain.predict_on_batch(x)[:, :, :32])
+    context = model.get_layer("context")
+    context.set_weights([np.random.default_rng(1).normal(0, 0.1, context.get_weights()[0].shape)])
+    assert np.abs(model.predict_on_batch(far)[:, :, :32] - model.predict_on_batch(x)[:, :, :32]).max() > 1e-3
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict_on_batch(far), model.predict_on_batch(far), atol=1e-5)
+
+
 def test_precision_copy_keeps_weights_and_float32_ends():
     from segnet.model import with_precision
 
