@@ -214,16 +214,15 @@ def fcn(
     # fc6/fc7: VGG16's classifier as convolutions, so it slides over the image instead of seeing one crop.
     # They and the 1x1 score layers run as matrix products (PatchConv2D): on a CPU several times faster, and
     # on AMX oneDNN's 1x1 convolution from 4096 channels to 2 (score_fr at width 1.0) corrupts the heap.
+    fc6_activation = None if global_context else "relu"
+    x = PatchConv2D(ch(FC_CHANNELS), fc6_kernel, padding="same", activation=fc6_activation, name="fc6")(pool5)
     if global_context:
         # ParseNet's global context: a frame's mean pool5 feature, through a dense layer (a 1x1 convolution on a
         # 1x1 map), joins every position's fc6 before its ReLU, since a convolution's effective receptive field
         # is far smaller than its nominal one. Zero at the start, so training begins from the plain network.
-        x = PatchConv2D(ch(FC_CHANNELS), fc6_kernel, padding="same", name="fc6")(pool5)
         g = layers.GlobalAveragePooling2D(keepdims=True, name="context_pool")(pool5)
         g = PatchConv2D(ch(FC_CHANNELS), 1, use_bias=False, kernel_initializer="zeros", name="context")(g)
         x = layers.ReLU(name="fc6_relu")(layers.Add(name="fc6_context")([x, g]))
-    else:
-        x = PatchConv2D(ch(FC_CHANNELS), fc6_kernel, padding="same", activation="relu", name="fc6")(pool5)
     x = layers.Dropout(dropout, name="drop6")(x)
     x = PatchConv2D(ch(FC_CHANNELS), 1, activation="relu", name="fc7")(x)
     x = layers.Dropout(dropout, name="drop7")(x)
